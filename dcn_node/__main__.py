@@ -1,0 +1,3 @@
+from dcn_node.cli import main
+
+raise SystemExit(main())
