@@ -1,0 +1,158 @@
+"""Ingest throughput: dcn-node against dcmtk's storescp, same series, same sender.
+
+Sends one 300-slice 512x512 CT series with dcmtk ``storescu`` (TCP_NODELAY=1) to the node
+(durable spooling: every instance written, renamed into the spool and indexed in SQLite
+before Success) and to ``storescp``, alternating, and prints images/s for each and the
+ratio. Each round gets fresh UIDs so the node never takes the re-send path.
+
+    .venv/bin/python bench/ingest.py [--rounds 5] [--fsync]
+
+Goal (issue 2): node >= 0.5x storescp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
+
+
+def refresh_uids(series_dir: Path) -> None:
+    """Give the series new Study/Series/SOP Instance UIDs (not timed)."""
+    study, series = generate_uid(), generate_uid()
+    for path in sorted(series_dir.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(path)
+
+
+def send(files: list[Path], called_ae: str, port: int) -> float:
+    env = dict(os.environ, TCP_NODELAY="1")
+    started = time.perf_counter()
+    subprocess.run(
+        ["storescu", "-aet", "BENCH", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--fsync", action="store_true", help="node with storage.fsync: true")
+    parser.add_argument(
+        "--series-dir", type=Path, help="send a copy of this series instead of a phantom"
+    )
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: install Debian's dcmtk (make test does)")
+
+    work = Path(tempfile.mkdtemp(prefix="dcn-bench-ingest-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        started = time.perf_counter()
+        series_dir = work / "series"
+        if args.series_dir:
+            shutil.copytree(args.series_dir, series_dir)
+        else:
+            from dcn_node.phantom import generate_phantom
+
+            case = generate_phantom(work / "case", seed=4242, slices=args.slices, thickness_mm=1.0)
+            series_dir = case.series_dir
+        files = sorted(series_dir.glob("*.dcm"))
+        size_mb = sum(f.stat().st_size for f in files) / 1e6
+        print(
+            f"series: {len(files)} images, {size_mb:.0f} MB "
+            f"(prepared in {time.perf_counter() - started:.1f} s)"
+        )
+
+        node_port, scp_port = free_port(), free_port()
+        config = work / "node.yaml"
+        config.write_text(
+            "node: {ae_title: DCN_NODE, host: 127.0.0.1, port: %d}\n"
+            "storage: {spool_dir: %s, fsync: %s, min_free_bytes: 0}\n"
+            "completion: {quiet_seconds: 3600}\n"
+            "logging: {level: WARNING}\n"
+            % (node_port, work / "spool", "true" if args.fsync else "false")
+        )
+        env = dict(os.environ, TCP_NODELAY="1")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dcn_node", "serve", "--config", str(config)], env=env
+            )
+        )
+        (work / "storescp").mkdir()
+        procs.append(
+            subprocess.Popen(
+                ["storescp", "-aet", "STORESCP", "-od", str(work / "storescp"), str(scp_port)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_for_port(node_port)
+        wait_for_port(scp_port)
+
+        node_rates, scp_rates = [], []
+        for round_number in range(1, args.rounds + 1):
+            refresh_uids(series_dir)
+            node_s = send(files, "DCN_NODE", node_port)
+            scp_s = send(files, "STORESCP", scp_port)
+            node_rates.append(len(files) / node_s)
+            scp_rates.append(len(files) / scp_s)
+            print(
+                f"round {round_number}: node {node_s:.2f} s ({node_rates[-1]:.0f} img/s), "
+                f"storescp {scp_s:.2f} s ({scp_rates[-1]:.0f} img/s)"
+            )
+        node_rate, scp_rate = statistics.median(node_rates), statistics.median(scp_rates)
+        mode = "fsync on" if args.fsync else "fsync off"
+        print(
+            f"median: node ({mode}) {node_rate:.0f} img/s, storescp {scp_rate:.0f} img/s, "
+            f"ratio {node_rate / scp_rate:.2f}x (goal >= 0.5x)"
+        )
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

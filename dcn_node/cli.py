@@ -1,0 +1,193 @@
+"""Command line: ``dcn-node serve | status | check-config | echo | phantom``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dcn_node import __version__
+from dcn_node.config import DEFAULT_CONFIG_PATH, Settings, load_config
+from dcn_node.errors import ConfigError
+from dcn_node.logs import configure_logging
+
+LOGGER = logging.getLogger("dcn_node.cli")
+
+
+def _add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"YAML configuration (default: {DEFAULT_CONFIG_PATH})",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_config(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dcn_node.service import Node
+
+    settings = _settings(args)
+    configure_logging(settings.logging.level, settings.logging.format)
+    Node(settings).serve_forever()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(f"{args.config or DEFAULT_CONFIG_PATH}: OK")
+    node = settings.node
+    print(f"  listens as {node.ae_title} on {node.host}:{node.port}")
+    print(f"  spool {settings.storage.spool_dir.resolve()} (fsync {settings.storage.fsync})")
+    for dest in settings.destinations:
+        print(f"  sends to {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dcn_node.spool import Spool
+
+    settings = _settings(args)
+    spool_dir = settings.storage.spool_dir
+    if not (spool_dir / "index.sqlite3").exists():
+        print(f"no spool at {spool_dir.resolve()} yet", file=sys.stderr)
+        series = []
+    else:
+        spool = Spool(spool_dir)
+        series = spool.list_series()
+        spool.close()
+    if args.json:
+        payload = {
+            "series": [
+                {
+                    "study_instance_uid": s.study_instance_uid,
+                    "series_instance_uid": s.series_instance_uid,
+                    "state": s.state,
+                    "instances": s.instances,
+                    "reason": s.reason,
+                    "generation": s.generation,
+                    "first_received_at": s.first_received_at,
+                    "last_received_at": s.last_received_at,
+                    "completed_at": s.completed_at,
+                }
+                for s in series
+            ]
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    now = time.time()
+    print(f"{'SERIES INSTANCE UID':<64}  {'STATE':<10} {'INST':>5} {'LAST':>6}  REASON")
+    for s in series:
+        print(
+            f"{s.series_instance_uid:<64}  {s.state:<10} {s.instances:>5} "
+            f"{_age(now - s.last_received_at):>6}  {s.reason or ''}"
+        )
+    if not series:
+        print("(no series received)")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=args.aet)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(args.host, args.port, ae_title=args.aec)
+    if not assoc.is_established:
+        print(f"C-ECHO {args.aec}@{args.host}:{args.port}: association not established")
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    print(
+        f"C-ECHO {args.aec}@{args.host}:{args.port}: status 0x{code:04X}"
+        if code is not None
+        else f"C-ECHO {args.aec}@{args.host}:{args.port}: no response"
+    )
+    return 0 if code == 0 else 1
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from dcn_node.phantom import generate_phantom
+
+    started = time.perf_counter()
+    case = generate_phantom(
+        args.out_dir,
+        args.seed,
+        slices=args.slices,
+        thickness_mm=args.thickness,
+        normal=args.normal,
+        matrix=args.matrix,
+    )
+    print(
+        f"wrote {case.slices} slices to {case.series_dir} "
+        f"(label {case.label}, series {case.series_instance_uid}) "
+        f"in {time.perf_counter() - started:.1f} s; ground truth {case.ground_truth_path}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcn-node",
+        description="DICOM node running the DCN COVID-19 CT model (not for diagnostic use).",
+    )
+    parser.add_argument("--version", action="version", version=f"dcn-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the node (Storage SCP and workers)")
+    _add_config_argument(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    status = sub.add_parser("status", help="list received series and their states")
+    _add_config_argument(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    _add_config_argument(check)
+    check.set_defaults(func=cmd_check_config)
+
+    echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    echo.add_argument("host")
+    echo.add_argument("port", type=int)
+    echo.add_argument("--aec", default="ANY-SCP", help="called AE title")
+    echo.add_argument("--aet", default="DCN_NODE", help="our (calling) AE title")
+    echo.set_defaults(func=cmd_echo)
+
+    phantom = sub.add_parser("phantom", help="write a synthetic chest CT series")
+    phantom.add_argument("out_dir", type=Path)
+    phantom.add_argument("--seed", type=int, required=True)
+    phantom.add_argument("--slices", type=int, default=None)
+    phantom.add_argument("--thickness", type=float, default=5.0, help="slice thickness, mm")
+    phantom.add_argument("--normal", action="store_true", help="no lesions")
+    phantom.add_argument("--matrix", type=int, default=512, help="rows = columns")
+    phantom.set_defaults(func=cmd_phantom)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        configure_logging("WARNING")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2

@@ -1,0 +1,348 @@
+"""The Storage SCP: thin C-STORE handlers, access control, DICOM statuses.
+
+The C-STORE handler parses the header (only the tags the node files by), writes the encoded
+dataset as received to the spool and answers. It never decodes pixels, runs the model or
+sends anything: that happens on other workers, so receiving never waits on them.
+
+Failure classes map to DICOM statuses here, at the protocol edge:
+
+=====================================  ======  ==============================
+what went wrong                        status  meaning
+=====================================  ======  ==============================
+spool write failed, disk (nearly) full 0xA700  Refused: Out of Resources
+dataset cannot be parsed / lacks UIDs  0xC000  Error: Cannot understand
+dataset UIDs differ from the request   0xA900  Error: Data Set does not match
+=====================================  ======  ==============================
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom import __version__ as pynetdicom_version
+from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dcn_node import __version__, polling
+from dcn_node.config import Settings
+from dcn_node.errors import InvalidInstanceError, SpoolWriteError
+from dcn_node.header import InstanceHeader, read_header
+from dcn_node.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+#: Transfer syntaxes we accept: the uncompressed ones and the lossless compressed ones the
+#: installed pylibjpeg plugins (libjpeg, openjpeg, rle) can decode.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
+]
+STORAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+#: A UUID-derived UID (PS3.5 B.2), fixed for dcn-node: no registered root is needed.
+IMPLEMENTATION_CLASS_UID = "2.25." + str(
+    uuid.uuid5(uuid.NAMESPACE_URL, "urn:dcn-node:implementation").int
+)
+IMPLEMENTATION_VERSION_NAME = f"DCN_NODE_{__version__}"[:16]
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", group, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str
+) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1), encoded directly.
+
+    pynetdicom's ``Event.encoded_dataset()`` builds the same bytes through pydicom
+    datasets, which cost ~0.5 ms per instance on the association thread; this is a few us.
+    tests/test_receiver.py checks that pydicom reads these bytes back as written.
+    """
+    body = b"".join(
+        (
+            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, 0x0002, b"UI", _uid(sop_class_uid)),
+            _element(0x0002, 0x0003, b"UI", _uid(sop_instance_uid)),
+            _element(0x0002, 0x0010, b"UI", _uid(transfer_syntax_uid)),
+            _element(0x0002, 0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0002, 0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
+            _element(0x0002, 0x0016, b"AE", _text(source_ae_title.strip() or "UNKNOWN")),
+        )
+    )
+    group_length = _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\0" * 128 + b"DICM" + group_length + body
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    # ErrorComment is LO: 64 characters at most.
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an association is refused: A-ASSOCIATE-RJ (result, source, diagnostic)."""
+
+    reason: str
+    result: int = 0x01  # rejected-permanent
+    source: int = 0x01  # DICOM UL service-user
+    diagnostic: int = 0x01  # no reason given
+
+
+#: Callback asked before accepting an association; returns a refusal (e.g. backpressure).
+AdmissionCheck = Callable[[], Refusal | None]
+#: Callback told about every stored instance (metrics, tests).
+StoredCallback = Callable[[InstanceHeader, str], None]
+
+
+class StorageSCP:
+    """The node's DICOM listener.
+
+    Parameters
+    ----------
+    settings:
+        The node configuration (``node`` and ``storage`` sections are used).
+    spool:
+        Where received instances are written and indexed.
+    admission_check:
+        Optional callback consulted for every association request after the allowlists;
+        a :class:`Refusal` it returns is sent as A-ASSOCIATE-RJ.
+    on_stored:
+        Optional callback run after an instance is stored (with its header and calling AE).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        *,
+        admission_check: AdmissionCheck | None = None,
+        on_stored: StoredCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self._admission_check = admission_check
+        self._on_stored = on_stored
+        self._server: ThreadedAssociationServer | None = None
+        self._accepting = threading.Event()
+        self._allowed_aets = {a.strip() for a in settings.node.allowed_calling_aets}
+        self._allowed_networks = [
+            ipaddress.ip_network(h, strict=False) for h in settings.node.allowed_hosts
+        ]
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.maximum_pdu_size
+        ae.acse_timeout = node.acse_timeout_seconds
+        ae.dimse_timeout = node.dimse_timeout_seconds
+        ae.network_timeout = node.network_timeout_seconds
+        # Called AE title must be ours; calling AE / host allowlists are checked in
+        # _on_requested so that every refusal is logged with its reason.
+        ae.require_called_aet = True
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        return ae
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start listening (returns at once; associations run on their own threads)."""
+        if self.settings.node.low_latency_polling:
+            polling.install()
+        node = self.settings.node
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers
+        )
+        self._accepting.set()
+        LOGGER.info(
+            "Storage SCP %s listening on %s:%d (pynetdicom %s, max %d associations)",
+            node.ae_title,
+            node.host,
+            self.port,
+            pynetdicom_version,
+            node.max_associations,
+        )
+
+    @property
+    def port(self) -> int:
+        """The TCP port listened on (useful when configured as 0 in tests)."""
+        if self._server is None:
+            return self.settings.node.port
+        return int(self._server.server_address[1])
+
+    @property
+    def is_listening(self) -> bool:
+        return self._server is not None and self._accepting.is_set()
+
+    def refuse_new_associations(self) -> None:
+        """Refuse new associations from now on (graceful shutdown, first step)."""
+        self._accepting.clear()
+
+    def active_associations(self) -> int:
+        return len(self.ae.active_associations)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish (up to ``timeout``), close."""
+        self.refuse_new_associations()
+        deadline = time.monotonic() + timeout
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.ae.active_associations:
+            LOGGER.warning(
+                "Aborting %d association(s) still open after %.0f s",
+                len(self.ae.active_associations),
+                timeout,
+            )
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def _refusal_for(self, calling_ae: str, host: str) -> Refusal | None:
+        if not self._accepting.is_set():
+            return Refusal("node is shutting down", 0x02, 0x03, 0x01)
+        if self._allowed_aets and calling_ae not in self._allowed_aets:
+            return Refusal("calling AE title not in node.allowed_calling_aets", 0x01, 0x01, 0x03)
+        if self._allowed_networks:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                return Refusal(f"peer address {host!r} is not an IP address")
+            if not any(address in network for network in self._allowed_networks):
+                return Refusal("peer host not in node.allowed_hosts")
+        if self._admission_check is not None:
+            return self._admission_check()
+        return None
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling_ae = assoc.requestor.primitive.calling_ae_title.strip()
+        called_ae = assoc.requestor.primitive.called_ae_title.strip()
+        host = assoc.requestor.address
+        if called_ae != self.settings.node.ae_title:
+            # pynetdicom rejects this itself (require_called_aet); we log why.
+            LOGGER.warning(
+                "Refusing association from %s@%s: called AE title %r is not ours (%r)",
+                calling_ae,
+                host,
+                called_ae,
+                self.settings.node.ae_title,
+            )
+            return
+        refusal = self._refusal_for(calling_ae, host)
+        if refusal is None:
+            LOGGER.debug("Accepting association from %s@%s", calling_ae, host)
+            return
+        LOGGER.warning("Refusing association from %s@%s: %s", calling_ae, host, refusal.reason)
+        assoc.acse.send_reject(refusal.result, refusal.source, refusal.diagnostic)
+        assoc.kill()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        request = event.request
+        calling_ae = event.assoc.requestor.ae_title.strip()
+        transfer_syntax = str(event.context.transfer_syntax)
+        sop_instance_uid = str(request.AffectedSOPInstanceUID)
+        with request.DataSet.getbuffer() as body:
+            try:
+                header = read_header(body, transfer_syntax)
+            except InvalidInstanceError as exc:
+                LOGGER.warning(
+                    "C-STORE of %s from %s refused: %s", sop_instance_uid, calling_ae, exc
+                )
+                return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+            if header.sop_instance_uid != sop_instance_uid or header.sop_class_uid != str(
+                request.AffectedSOPClassUID
+            ):
+                reason = "dataset SOP Class/Instance UID differs from the C-STORE request"
+                LOGGER.warning(
+                    "C-STORE of %s from %s refused: %s", sop_instance_uid, calling_ae, reason
+                )
+                return _status(STATUS_DATASET_MISMATCH, reason)
+            free = self._free_bytes()
+            if free < self.settings.storage.min_free_bytes:
+                reason = f"spool has {free} bytes free, below storage.min_free_bytes"
+                LOGGER.error(
+                    "C-STORE of %s from %s refused: %s", sop_instance_uid, calling_ae, reason
+                )
+                return _status(STATUS_OUT_OF_RESOURCES, "spool disk nearly full")
+            meta = encode_file_meta(
+                header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae
+            )
+            try:
+                replaced = self.spool.store_instance(
+                    header,
+                    (meta, body),
+                    transfer_syntax_uid=transfer_syntax,
+                    calling_ae_title=calling_ae,
+                )
+            except SpoolWriteError as exc:
+                LOGGER.error("C-STORE of %s from %s failed: %s", sop_instance_uid, calling_ae, exc)
+                return _status(STATUS_OUT_OF_RESOURCES, "cannot write to the spool")
+        if replaced:
+            LOGGER.debug(
+                "Instance %s re-sent by %s replaced its earlier copy", sop_instance_uid, calling_ae
+            )
+        if self._on_stored is not None:
+            self._on_stored(header, calling_ae)
+        return STATUS_SUCCESS
+
+    def _free_bytes(self) -> int:
+        stats = os.statvfs(self.spool.root)
+        return stats.f_bavail * stats.f_frsize

@@ -1,0 +1,474 @@
+"""Durable on-disk state: received files plus an embedded SQLite index.
+
+Layout under ``storage.spool_dir``::
+
+    incoming/                 temp files being written (removed at start-up)
+    instances/<study>/<series>/<sop>.dcm
+    index.sqlite3             instances, series, jobs (WAL journal)
+
+An instance is written to ``incoming/``, optionally fsynced, renamed into ``instances/``
+and recorded in SQLite, all before the C-STORE is answered Success. Rename and commit are
+atomic, so after a crash an instance is either fully there or was never acknowledged.
+A file renamed in but not yet recorded (crash between the two) is indexed at start-up.
+
+All writes go through one connection behind a lock: SQLite serialises writers anyway and
+one connection keeps the commit cost to a single WAL append.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dcn_node.errors import InvalidInstanceError, SpoolWriteError
+from dcn_node.header import InstanceHeader, read_header_from_file
+
+LOGGER = logging.getLogger(__name__)
+
+#: Series states, in the order a series normally goes through them.
+SERIES_STATES = (
+    "receiving",
+    "complete",
+    "ignored",
+    "rejected",
+    "queued",
+    "processing",
+    "done",
+    "failed",
+)
+#: States in which a newly arrived instance reopens the series.
+_CLOSED_STATES = ("complete", "ignored", "rejected", "queued", "processing", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    header_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_series
+    ON instances (study_instance_uid, series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    -- the quiet timer runs from here: last arrival, or the node's restart
+    quiet_since REAL NOT NULL,
+    completed_at REAL,
+    -- bumped each time a late arrival reopens the series; later results supersede
+    generation INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (study_instance_uid, series_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS series_by_state ON series (state);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, job_id);
+"""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance as recorded in the index."""
+
+    header: InstanceHeader
+    path: Path
+    transfer_syntax_uid: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    study_instance_uid: str
+    series_instance_uid: str
+    state: str
+    reason: str | None
+    instances: int
+    first_received_at: float
+    last_received_at: float
+    quiet_since: float
+    completed_at: float | None
+    generation: int
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    generation: int
+    state: str
+    reason: str | None
+
+
+def _header_to_json(header: InstanceHeader) -> str:
+    return json.dumps(header.__dict__, separators=(",", ":"))
+
+
+def _header_from_json(text: str) -> InstanceHeader:
+    data = json.loads(text)
+    for key in ("image_type", "pixel_spacing", "image_orientation"):
+        if data[key] is not None:
+            data[key] = tuple(data[key])
+    data["positions"] = tuple(tuple(p) for p in data["positions"])
+    return InstanceHeader(**data)
+
+
+def _safe_component(uid: str) -> str:
+    # UIDs are digits and dots; anything else (a malformed UID) must not escape the spool.
+    return "".join(c if c.isalnum() or c == "." else "_" for c in uid)[:64] or "_"
+
+
+class Spool:
+    """Files and index of everything the node has received and decided.
+
+    Parameters
+    ----------
+    spool_dir:
+        Folder holding the files and ``index.sqlite3``; created when missing.
+    fsync:
+        fsync each file, its folder and every commit before returning (power-loss safe).
+    """
+
+    def __init__(self, spool_dir: Path | str, *, fsync: bool = False) -> None:
+        self.root = Path(spool_dir)
+        self.fsync = fsync
+        self.incoming_dir = self.root / "incoming"
+        self.instances_dir = self.root / "instances"
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._known_dirs: set[Path] = set()
+        self._db = sqlite3.connect(
+            self.root / "index.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def instance_path(self, header: InstanceHeader) -> Path:
+        return (
+            self.instances_dir
+            / _safe_component(header.study_instance_uid)
+            / _safe_component(header.series_instance_uid)
+            / f"{_safe_component(header.sop_instance_uid)}.dcm"
+        )
+
+    def _write_file(self, path: Path, parts: tuple[bytes | memoryview, ...]) -> int:
+        """Write ``parts`` to ``path`` atomically; return the size. Leaves nothing behind
+        on failure."""
+        folder = path.parent
+        if folder not in self._known_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._known_dirs.add(folder)
+        temp = self.incoming_dir / f"{path.name}.{threading.get_ident()}.tmp"
+        size = 0
+        try:
+            with open(temp, "wb") as handle:
+                for part in parts:
+                    size += handle.write(part)
+                if self.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(temp, path)
+            if self.fsync:
+                dir_fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise SpoolWriteError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+        return size
+
+    def store_instance(
+        self,
+        header: InstanceHeader,
+        parts: tuple[bytes | memoryview, ...],
+        *,
+        transfer_syntax_uid: str,
+        calling_ae_title: str,
+    ) -> bool:
+        """Write an instance durably and index it. Returns ``True`` when it replaced an
+        earlier copy of the same SOP Instance UID.
+
+        Raises
+        ------
+        SpoolWriteError
+            If the file or its index record cannot be written; nothing is half written.
+        """
+        path = self.instance_path(header)
+        size = self._write_file(path, parts)
+        now = time.time()
+        try:
+            with self._transaction() as db:
+                previous = db.execute(
+                    "SELECT path FROM instances WHERE sop_instance_uid = ?",
+                    (header.sop_instance_uid,),
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT(sop_instance_uid) DO UPDATE SET "
+                    "study_instance_uid=excluded.study_instance_uid, "
+                    "series_instance_uid=excluded.series_instance_uid, "
+                    "sop_class_uid=excluded.sop_class_uid, "
+                    "transfer_syntax_uid=excluded.transfer_syntax_uid, path=excluded.path, "
+                    "size_bytes=excluded.size_bytes, received_at=excluded.received_at, "
+                    "calling_ae_title=excluded.calling_ae_title, "
+                    "header_json=excluded.header_json",
+                    (
+                        header.sop_instance_uid,
+                        header.study_instance_uid,
+                        header.series_instance_uid,
+                        header.sop_class_uid,
+                        transfer_syntax_uid,
+                        str(path),
+                        size,
+                        now,
+                        calling_ae_title,
+                        _header_to_json(header),
+                    ),
+                )
+                self._touch_series(db, header.study_instance_uid, header.series_instance_uid, now)
+        except sqlite3.Error as exc:
+            raise SpoolWriteError(f"cannot index {header.sop_instance_uid}: {exc}") from exc
+        if previous is not None and previous[0] != str(path):
+            # Re-sent under another series: the index now points at the new file.
+            Path(previous[0]).unlink(missing_ok=True)
+        return previous is not None
+
+    def _touch_series(self, db: sqlite3.Connection, study: str, series: str, now: float) -> None:
+        row = db.execute(
+            "SELECT state, generation FROM series "
+            "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+            (study, series),
+        ).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO series (study_instance_uid, series_instance_uid, state, "
+                "first_received_at, last_received_at, quiet_since, updated_at) "
+                "VALUES (?,?,'receiving',?,?,?,?)",
+                (study, series, now, now, now, now),
+            )
+            return
+        state, generation = row
+        if state in _CLOSED_STATES:
+            # A late arrival: the series is received again and completes again later.
+            db.execute(
+                "UPDATE series SET state='receiving', reason=NULL, completed_at=NULL, "
+                "generation=?, last_received_at=?, quiet_since=?, updated_at=? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                (generation + 1, now, now, now, study, series),
+            )
+            db.execute(
+                "UPDATE jobs SET state='superseded', reason='series reopened by a late "
+                "arrival', updated_at=? WHERE study_instance_uid=? AND "
+                "series_instance_uid=? AND state='queued'",
+                (now, study, series),
+            )
+            LOGGER.info(
+                "Series %s reopened by a late arrival (was %s, generation %d)",
+                series,
+                state,
+                generation + 1,
+            )
+        else:
+            db.execute(
+                "UPDATE series SET last_received_at=?, quiet_since=?, updated_at=? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                (now, now, now, study, series),
+            )
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Bring the spool back to a consistent state after a stop or crash.
+
+        Removes half-written temp files, indexes files that were renamed in but not
+        recorded, and restarts the quiet timer of series still receiving (their senders
+        could not reach us while we were down).
+        """
+        for temp in self.incoming_dir.glob("*.tmp"):
+            temp.unlink(missing_ok=True)
+        with self._lock:
+            known = {row[0] for row in self._db.execute("SELECT path FROM instances")}
+        orphans = [p for p in self.instances_dir.glob("*/*/*.dcm") if str(p) not in known]
+        for path in orphans:
+            try:
+                header = read_header_from_file(path)
+            except InvalidInstanceError as exc:
+                LOGGER.warning("Spool file %s cannot be indexed (%s); left in place", path, exc)
+                continue
+            self._index_existing(path, header)
+            LOGGER.info("Indexed spool file %s written before a crash", path.name)
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("UPDATE series SET quiet_since=? WHERE state='receiving'", (now,))
+            # A series being assessed when we stopped is assessed again.
+            db.execute(
+                "UPDATE series SET state='receiving', quiet_since=? WHERE state='complete'",
+                (now,),
+            )
+
+    def _index_existing(self, path: Path, header: InstanceHeader) -> None:
+        from pydicom import dcmread
+
+        transfer_syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        now = path.stat().st_mtime
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    header.sop_instance_uid,
+                    header.study_instance_uid,
+                    header.series_instance_uid,
+                    header.sop_class_uid,
+                    transfer_syntax,
+                    str(path),
+                    path.stat().st_size,
+                    now,
+                    "",
+                    _header_to_json(header),
+                ),
+            )
+            self._touch_series(db, header.study_instance_uid, header.series_instance_uid, now)
+
+    # -- series ------------------------------------------------------------------------
+
+    def _series_from_row(self, row: tuple) -> SeriesRecord:
+        return SeriesRecord(*row)
+
+    _SERIES_SELECT = (
+        "SELECT s.study_instance_uid, s.series_instance_uid, s.state, s.reason, "
+        "(SELECT COUNT(*) FROM instances i WHERE i.study_instance_uid = s.study_instance_uid "
+        " AND i.series_instance_uid = s.series_instance_uid), "
+        "s.first_received_at, s.last_received_at, s.quiet_since, s.completed_at, s.generation "
+        "FROM series s"
+    )
+
+    def list_series(self, state: str | None = None) -> list[SeriesRecord]:
+        query, args = self._SERIES_SELECT, ()
+        if state is not None:
+            query, args = query + " WHERE s.state = ?", (state,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY s.first_received_at", args).fetchall()
+        return [self._series_from_row(r) for r in rows]
+
+    def get_series(self, study: str, series: str) -> SeriesRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                self._SERIES_SELECT
+                + " WHERE s.study_instance_uid = ? AND s.series_instance_uid = ?",
+                (study, series),
+            ).fetchone()
+        return self._series_from_row(row) if row else None
+
+    def series_instances(self, study: str, series: str) -> list[StoredInstance]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT header_json, path, transfer_syntax_uid, received_at FROM instances "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                (study, series),
+            ).fetchall()
+        return [StoredInstance(_header_from_json(h), Path(p), ts, t) for h, p, ts, t in rows]
+
+    def close_series(
+        self, record: SeriesRecord, state: str, reason: str | None, *, enqueue: bool
+    ) -> bool:
+        """Record the outcome of assessing a complete series, and queue a job if accepted.
+
+        Only applies when the series is still at the generation that was assessed, so an
+        instance arriving during the assessment wins. Returns whether it applied.
+        """
+        if state not in SERIES_STATES:
+            raise ValueError(f"unknown series state {state!r}")
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE series SET state=?, reason=?, completed_at=?, updated_at=? "
+                "WHERE study_instance_uid=? AND series_instance_uid=? AND generation=? "
+                "AND state='receiving' AND quiet_since=?",
+                (
+                    state,
+                    reason,
+                    now,
+                    now,
+                    record.study_instance_uid,
+                    record.series_instance_uid,
+                    record.generation,
+                    record.quiet_since,
+                ),
+            )
+            if cursor.rowcount != 1:
+                return False
+            if enqueue:
+                db.execute(
+                    "INSERT INTO jobs (study_instance_uid, series_instance_uid, generation, "
+                    "state, created_at, updated_at) VALUES (?,?,?,'queued',?,?)",
+                    (
+                        record.study_instance_uid,
+                        record.series_instance_uid,
+                        record.generation,
+                        now,
+                        now,
+                    ),
+                )
+        return True
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def list_jobs(self, state: str | None = None) -> list[Job]:
+        query = (
+            "SELECT job_id, study_instance_uid, series_instance_uid, generation, state, reason "
+            "FROM jobs"
+        )
+        args: tuple = ()
+        if state is not None:
+            query, args = query + " WHERE state = ?", (state,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY job_id", args).fetchall()
+        return [Job(*r) for r in rows]
