@@ -104,11 +104,11 @@ def main() -> int:
         node_port, scp_port = free_port(), free_port()
         config = work / "node.yaml"
         config.write_text(
-            "node: {ae_title: DCN_NODE, host: 127.0.0.1, port: %d}\n"
-            "storage: {spool_dir: %s, fsync: %s, min_free_bytes: 0}\n"
+            f"node: {{ae_title: DCN_NODE, host: 127.0.0.1, port: {node_port}}}\n"
+            f"storage: {{spool_dir: {work / 'spool'}, fsync: {str(args.fsync).lower()},"
+            " min_free_bytes: 0}\n"
             "completion: {quiet_seconds: 3600}\n"
             "logging: {level: WARNING}\n"
-            % (node_port, work / "spool", "true" if args.fsync else "false")
         )
         env = dict(os.environ, TCP_NODELAY="1")
         procs.append(

@@ -36,7 +36,8 @@ class NodeSettings(_Frozen):
 
     ae_title: AETitle = "DCN_NODE"
     host: str = "0.0.0.0"
-    port: Port = 11112
+    #: 0 picks a free port (used by tests); the port in use is logged at start.
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112
     #: Calling AE titles allowed to associate; empty means anyone.
     allowed_calling_aets: tuple[AETitle, ...] = ()
     #: Peer IP addresses allowed to associate; empty means any host.

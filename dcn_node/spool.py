@@ -201,19 +201,26 @@ class Spool:
         """Write ``parts`` to ``path`` atomically; return the size. Leaves nothing behind
         on failure."""
         folder = path.parent
-        if folder not in self._known_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._known_dirs.add(folder)
         temp = self.incoming_dir / f"{path.name}.{threading.get_ident()}.tmp"
         size = 0
         try:
+            if folder not in self._known_dirs:
+                folder.mkdir(parents=True, exist_ok=True)
+                self._known_dirs.add(folder)
             with open(temp, "wb") as handle:
                 for part in parts:
                     size += handle.write(part)
                 if self.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
-            os.replace(temp, path)
+            try:
+                os.replace(temp, path)
+            except FileNotFoundError:
+                # The series folder was removed since we cached it (housekeeping): redo it.
+                self._known_dirs.discard(folder)
+                folder.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, path)
+                self._known_dirs.add(folder)
             if self.fsync:
                 dir_fd = os.open(folder, os.O_RDONLY)
                 try:
