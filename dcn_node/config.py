@@ -49,8 +49,9 @@ class NodeSettings(_Frozen):
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
-    #: Shorter pynetdicom polling sleeps while a peer is sending (see dcn_node/polling.py).
-    low_latency_polling: bool = True
+    #: Faster pynetdicom transport: short polling sleeps while busy, bulk socket reads
+    #: (see dcn_node/transport_tuning.py).
+    transport_tuning: bool = True
 
 
 class StorageSettings(_Frozen):

@@ -1,20 +1,22 @@
 """Read the attributes the node files an instance by, straight from the received bytes.
 
 Runs on the association thread for every C-STORE, so it parses only the tags it needs and
-stops before the pixel data (~0.2 ms for a CT header). Single-frame CT gives one position;
+stops before the pixel data (~0.1 ms for a CT header). Single-frame CT gives one position;
 Enhanced CT gives one per frame from its functional groups.
 """
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
@@ -45,7 +47,8 @@ _KEYWORDS = [
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
 ]
-_TAGS = [Tag(keyword) for keyword in _KEYWORDS]
+_TAG_BY_KEYWORD = {keyword: Tag(keyword) for keyword in _KEYWORDS}
+_TAGS = list(_TAG_BY_KEYWORD.values())
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,65 @@ def _stop_at_pixels(tag: Any, vr: Any, length: int) -> bool:
     return int(tag) >= 0x7FE00010
 
 
+class _Values:
+    """Typed access to the few attributes we need, fast on pydicom's raw elements.
+
+    pydicom converts a raw element through its VR machinery on first access (~20 us each);
+    the values here are plain ASCII text or two unsigned shorts, decoded directly. Anything
+    else (non-ASCII text, already converted elements, sequences) goes through pydicom.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def _raw(self, keyword: str) -> Any:
+        return self.ds.get_item(_TAG_BY_KEYWORD[keyword]) if keyword in _TAG_BY_KEYWORD else None
+
+    def text(self, keyword: str) -> str:
+        """The value as one string ('' when absent); multiple values stay backslash-joined."""
+        elem = self._raw(keyword)
+        if elem is None or elem.value is None:
+            return ""
+        if isinstance(elem, RawDataElement):
+            try:
+                return elem.value.decode("ascii").strip(" \0")
+            except UnicodeDecodeError:
+                pass  # a specific character set: let pydicom decode it
+        value = self.ds.get(keyword)
+        if value is None:
+            return ""
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return "\\".join(str(v) for v in value)
+        return str(value).strip()
+
+    def values(self, keyword: str) -> list[str]:
+        text = self.text(keyword)
+        return [part.strip() for part in text.split("\\")] if text else []
+
+    def floats(self, keyword: str, count: int) -> tuple[float, ...] | None:
+        parts = self.values(keyword)
+        if len(parts) != count:
+            return None
+        return tuple(float(part) for part in parts)
+
+    def number(self, keyword: str) -> float | None:
+        text = self.text(keyword)
+        return float(text.split("\\")[0]) if text else None
+
+    def unsigned_short(self, keyword: str) -> int | None:
+        elem = self._raw(keyword)
+        if elem is None or not elem.value:
+            return None
+        if isinstance(elem, RawDataElement):
+            return int(struct.unpack("<H", elem.value[:2])[0])
+        return int(elem.value)
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
 def _floats(value: Any, count: int) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -87,12 +149,9 @@ def _floats(value: Any, count: int) -> tuple[float, ...] | None:
     return tuple(float(v) for v in items)
 
 
-def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
-    seq = ds.get(keyword)
-    return seq[0] if seq else None
-
-
-def _frame_geometry(ds: Dataset) -> tuple[tuple[tuple[float, float, float], ...], Any, Any, Any]:
+def _frame_geometry(
+    ds: Dataset,
+) -> tuple[tuple[tuple[float, float, float], ...], Any, Any, Any]:
     """Positions, orientation, pixel spacing, thickness of a multi-frame instance."""
     shared = _first_item(ds, "SharedFunctionalGroupsSequence") or Dataset()
     orientation = spacing = thickness = None
@@ -112,7 +171,12 @@ def _frame_geometry(ds: Dataset) -> tuple[tuple[tuple[float, float, float], ...]
         if spacing is None and (measures := _first_item(frame, "PixelMeasuresSequence")):
             spacing = measures.get("PixelSpacing")
             thickness = measures.get("SliceThickness")
-    return tuple(positions), orientation, spacing, thickness  # type: ignore[return-value]
+    return (
+        tuple(positions),  # type: ignore[arg-type]
+        _floats(orientation, 6),
+        _floats(spacing, 2),
+        float(thickness) if thickness not in (None, "") else None,
+    )
 
 
 def header_from_dataset(ds: Dataset) -> InstanceHeader:
@@ -123,70 +187,75 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
     InvalidInstanceError
         If a UID the node files by is missing or a value cannot be converted.
     """
+    values = _Values(ds)
     try:
-        missing = [
-            k
+        uids = {
+            k: values.text(k)
             for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-            if not ds.get(k)
-        ]
+        }
+        missing = [k for k, v in uids.items() if not v]
         if missing:
             raise InvalidInstanceError(f"missing {', '.join(missing)}")
-        frames = int(ds.get("NumberOfFrames") or 1)
+        frames = int(values.number("NumberOfFrames") or 1)
         if "PerFrameFunctionalGroupsSequence" in ds:
             positions, orientation, spacing, thickness = _frame_geometry(ds)
         else:
-            xyz = _floats(ds.get("ImagePositionPatient"), 3)
+            xyz = values.floats("ImagePositionPatient", 3)
             positions = (xyz,) if xyz is not None else ()  # type: ignore[assignment]
-            orientation = ds.get("ImageOrientationPatient")
-            spacing = ds.get("PixelSpacing")
-            thickness = ds.get("SliceThickness")
-        image_type = ds.get("ImageType") or ()
-        if isinstance(image_type, str):
-            image_type = (image_type,)
-        announced = ds.get("ImagesInAcquisition")
-        acquisition = ds.get("AcquisitionNumber")
+            orientation = values.floats("ImageOrientationPatient", 6)
+            spacing = values.floats("PixelSpacing", 2)
+            thickness = values.number("SliceThickness")
+        announced = values.number("ImagesInAcquisition")
+        acquisition = values.number("AcquisitionNumber")
         return InstanceHeader(
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            modality=str(ds.get("Modality") or ""),
-            series_description=str(ds.get("SeriesDescription") or ""),
-            body_part_examined=str(ds.get("BodyPartExamined") or ""),
-            image_type=tuple(str(v).upper() for v in image_type),
-            rows=int(ds.Rows) if ds.get("Rows") else None,
-            columns=int(ds.Columns) if ds.get("Columns") else None,
-            pixel_spacing=_floats(spacing, 2),  # type: ignore[arg-type]
-            image_orientation=_floats(orientation, 6),
+            sop_instance_uid=uids["SOPInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
+            study_instance_uid=uids["StudyInstanceUID"],
+            series_instance_uid=uids["SeriesInstanceUID"],
+            modality=values.text("Modality"),
+            series_description=values.text("SeriesDescription"),
+            body_part_examined=values.text("BodyPartExamined"),
+            image_type=tuple(v.upper() for v in values.values("ImageType")),
+            rows=values.unsigned_short("Rows"),
+            columns=values.unsigned_short("Columns"),
+            pixel_spacing=spacing,  # type: ignore[arg-type]
+            image_orientation=orientation,
             positions=positions,
-            frame_of_reference_uid=str(ds.get("FrameOfReferenceUID") or ""),
-            slice_thickness=float(thickness) if thickness not in (None, "") else None,
-            acquisition_number=int(acquisition) if acquisition not in (None, "") else None,
-            images_in_acquisition=int(announced) if announced not in (None, "") else None,
+            frame_of_reference_uid=values.text("FrameOfReferenceUID"),
+            slice_thickness=thickness,
+            acquisition_number=int(acquisition) if acquisition is not None else None,
+            images_in_acquisition=int(announced) if announced is not None else None,
             number_of_frames=frames,
         )
     except InvalidInstanceError:
         raise
-    except Exception as exc:  # pydicom raises many kinds on malformed values
+    except Exception as exc:  # malformed values: many exception kinds
         raise InvalidInstanceError(f"unreadable header: {type(exc).__name__}: {exc}") from exc
 
 
-def read_header(encoded: bytes | memoryview, transfer_syntax_uid: str) -> InstanceHeader:
+def read_header(
+    encoded: bytes | memoryview | BinaryIO, transfer_syntax_uid: str
+) -> InstanceHeader:
     """Parse the header of a dataset as received in a C-STORE (no file meta).
+
+    ``encoded`` may be the bytes or a seekable binary stream positioned at the start of
+    the dataset (the C-STORE's own buffer: no copy of the pixel data is made).
 
     Raises
     ------
     InvalidInstanceError
         If the bytes are not a parsable dataset or miss the UIDs needed to file it.
     """
-    data = encoded
     try:
         if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(encoded))
+            raw = encoded.read() if hasattr(encoded, "read") else bytes(encoded)
+            stream: BinaryIO = BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw))
+        elif hasattr(encoded, "read"):
+            stream = encoded  # type: ignore[assignment]
+        else:
+            stream = BytesIO(encoded)  # type: ignore[arg-type]
         implicit = transfer_syntax_uid == ImplicitVRLittleEndian
-        ds = read_dataset(
-            BytesIO(data), implicit, True, stop_when=_stop_at_pixels, specific_tags=_TAGS
-        )
+        ds = read_dataset(stream, implicit, True, stop_when=_stop_at_pixels, specific_tags=_TAGS)
     except Exception as exc:
         raise InvalidInstanceError(
             f"dataset cannot be parsed: {type(exc).__name__}: {exc}"

@@ -42,7 +42,7 @@ from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dcn_node import __version__, polling
+from dcn_node import __version__, transport_tuning
 from dcn_node.config import Settings
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, read_header
@@ -195,8 +195,8 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening (returns at once; associations run on their own threads)."""
-        if self.settings.node.low_latency_polling:
-            polling.install()
+        if self.settings.node.transport_tuning:
+            transport_tuning.install()
         node = self.settings.node
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -299,42 +299,35 @@ class StorageSCP:
         calling_ae = event.assoc.requestor.ae_title.strip()
         transfer_syntax = str(event.context.transfer_syntax)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
-        with request.DataSet.getbuffer() as body:
-            try:
-                header = read_header(body, transfer_syntax)
-            except InvalidInstanceError as exc:
-                LOGGER.warning(
-                    "C-STORE of %s from %s refused: %s", sop_instance_uid, calling_ae, exc
-                )
-                return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
-            if header.sop_instance_uid != sop_instance_uid or header.sop_class_uid != str(
-                request.AffectedSOPClassUID
-            ):
-                reason = "dataset SOP Class/Instance UID differs from the C-STORE request"
-                LOGGER.warning(
-                    "C-STORE of %s from %s refused: %s", sop_instance_uid, calling_ae, reason
-                )
-                return _status(STATUS_DATASET_MISMATCH, reason)
-            free = self._free_bytes()
-            if free < self.settings.storage.min_free_bytes:
-                reason = f"spool has {free} bytes free, below storage.min_free_bytes"
-                LOGGER.error(
-                    "C-STORE of %s from %s refused: %s", sop_instance_uid, calling_ae, reason
-                )
-                return _status(STATUS_OUT_OF_RESOURCES, "spool disk nearly full")
-            meta = encode_file_meta(
-                header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae
-            )
-            try:
+        # The dataset as received, in pynetdicom's own buffer: parsed and written in place.
+        stream = request.DataSet
+        stream.seek(0)
+        try:
+            header = read_header(stream, transfer_syntax)
+        except InvalidInstanceError as exc:
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, sop_instance_uid, calling_ae, str(exc))
+        if header.sop_instance_uid != sop_instance_uid or header.sop_class_uid != str(
+            request.AffectedSOPClassUID
+        ):
+            reason = "dataset SOP Class/Instance UID differs from the C-STORE request"
+            return self._refuse(STATUS_DATASET_MISMATCH, sop_instance_uid, calling_ae, reason)
+        free = self._free_bytes()
+        if free < self.settings.storage.min_free_bytes:
+            reason = f"spool has {free} bytes free, below storage.min_free_bytes"
+            return self._refuse(STATUS_OUT_OF_RESOURCES, sop_instance_uid, calling_ae, reason)
+        meta = encode_file_meta(
+            header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae
+        )
+        try:
+            with stream.getbuffer() as body:
                 replaced = self.spool.store_instance(
                     header,
                     (meta, body),
                     transfer_syntax_uid=transfer_syntax,
                     calling_ae_title=calling_ae,
                 )
-            except SpoolWriteError as exc:
-                LOGGER.error("C-STORE of %s from %s failed: %s", sop_instance_uid, calling_ae, exc)
-                return _status(STATUS_OUT_OF_RESOURCES, "cannot write to the spool")
+        except SpoolWriteError as exc:
+            return self._refuse(STATUS_OUT_OF_RESOURCES, sop_instance_uid, calling_ae, str(exc))
         if replaced:
             LOGGER.debug(
                 "Instance %s re-sent by %s replaced its earlier copy", sop_instance_uid, calling_ae
@@ -342,6 +335,13 @@ class StorageSCP:
         if self._on_stored is not None:
             self._on_stored(header, calling_ae)
         return STATUS_SUCCESS
+
+    def _refuse(self, status: int, sop_instance_uid: str, calling_ae: str, reason: str) -> Dataset:
+        """Log why a C-STORE failed and build its failure status (ErrorComment = reason)."""
+        log = LOGGER.error if status == STATUS_OUT_OF_RESOURCES else LOGGER.warning
+        log("C-STORE of %s from %s answered 0x%04X: %s", sop_instance_uid, calling_ae, status,
+            reason)
+        return _status(status, reason)
 
     def _free_bytes(self) -> int:
         stats = os.statvfs(self.spool.root)

@@ -212,6 +212,8 @@ class SeriesAssembler:
         decided = []
         for record in self.spool.list_series("receiving"):
             quiet = now - record.quiet_since >= self.completion.quiet_seconds
+            if not quiet and record.frames != record.announced_frames:
+                continue  # cheap test from the index; headers are loaded only when it may be done
             instances = self.spool.series_instances(
                 record.study_instance_uid, record.series_instance_uid
             )

@@ -58,7 +58,11 @@ CREATE TABLE IF NOT EXISTS instances (
     size_bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
     calling_ae_title TEXT NOT NULL,
-    header_json TEXT NOT NULL
+    header_json TEXT NOT NULL,
+    -- frames in this instance, and the count the data announces (ImagesInAcquisition, or
+    -- NumberOfFrames of a multi-frame instance): lets completion skip loading headers
+    frames INTEGER NOT NULL,
+    announced_frames INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_series
     ON instances (study_instance_uid, series_instance_uid);
@@ -114,6 +118,10 @@ class SeriesRecord:
     quiet_since: float
     completed_at: float | None
     generation: int
+    #: Frames received (one per single-frame instance).
+    frames: int = 0
+    #: The largest frame count announced by the data, if any.
+    announced_frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -257,28 +265,8 @@ class Spool:
                     "SELECT path FROM instances WHERE sop_instance_uid = ?",
                     (header.sop_instance_uid,),
                 ).fetchone()
-                db.execute(
-                    "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?) "
-                    "ON CONFLICT(sop_instance_uid) DO UPDATE SET "
-                    "study_instance_uid=excluded.study_instance_uid, "
-                    "series_instance_uid=excluded.series_instance_uid, "
-                    "sop_class_uid=excluded.sop_class_uid, "
-                    "transfer_syntax_uid=excluded.transfer_syntax_uid, path=excluded.path, "
-                    "size_bytes=excluded.size_bytes, received_at=excluded.received_at, "
-                    "calling_ae_title=excluded.calling_ae_title, "
-                    "header_json=excluded.header_json",
-                    (
-                        header.sop_instance_uid,
-                        header.study_instance_uid,
-                        header.series_instance_uid,
-                        header.sop_class_uid,
-                        transfer_syntax_uid,
-                        str(path),
-                        size,
-                        now,
-                        calling_ae_title,
-                        _header_to_json(header),
-                    ),
+                self._upsert_instance(
+                    db, header, path, size, transfer_syntax_uid, now, calling_ae_title
                 )
                 self._touch_series(db, header.study_instance_uid, header.series_instance_uid, now)
         except sqlite3.Error as exc:
@@ -287,6 +275,45 @@ class Spool:
             # Re-sent under another series: the index now points at the new file.
             Path(previous[0]).unlink(missing_ok=True)
         return previous is not None
+
+    @staticmethod
+    def _upsert_instance(
+        db: sqlite3.Connection,
+        header: InstanceHeader,
+        path: Path,
+        size: int,
+        transfer_syntax_uid: str,
+        received_at: float,
+        calling_ae_title: str,
+    ) -> None:
+        announced = header.images_in_acquisition or (
+            header.number_of_frames if header.number_of_frames > 1 else None
+        )
+        db.execute(
+            "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(sop_instance_uid) DO UPDATE SET "
+            "study_instance_uid=excluded.study_instance_uid, "
+            "series_instance_uid=excluded.series_instance_uid, "
+            "sop_class_uid=excluded.sop_class_uid, "
+            "transfer_syntax_uid=excluded.transfer_syntax_uid, path=excluded.path, "
+            "size_bytes=excluded.size_bytes, received_at=excluded.received_at, "
+            "calling_ae_title=excluded.calling_ae_title, header_json=excluded.header_json, "
+            "frames=excluded.frames, announced_frames=excluded.announced_frames",
+            (
+                header.sop_instance_uid,
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_class_uid,
+                transfer_syntax_uid,
+                str(path),
+                size,
+                received_at,
+                calling_ae_title,
+                _header_to_json(header),
+                header.number_of_frames,
+                announced,
+            ),
+        )
 
     def _touch_series(self, db: sqlite3.Connection, study: str, series: str, now: float) -> None:
         row = db.execute(
@@ -367,20 +394,8 @@ class Spool:
         transfer_syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         now = path.stat().st_mtime
         with self._transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    header.sop_instance_uid,
-                    header.study_instance_uid,
-                    header.series_instance_uid,
-                    header.sop_class_uid,
-                    transfer_syntax,
-                    str(path),
-                    path.stat().st_size,
-                    now,
-                    "",
-                    _header_to_json(header),
-                ),
+            self._upsert_instance(
+                db, header, path, path.stat().st_size, transfer_syntax, now, ""
             )
             self._touch_series(db, header.study_instance_uid, header.series_instance_uid, now)
 
@@ -393,7 +408,13 @@ class Spool:
         "SELECT s.study_instance_uid, s.series_instance_uid, s.state, s.reason, "
         "(SELECT COUNT(*) FROM instances i WHERE i.study_instance_uid = s.study_instance_uid "
         " AND i.series_instance_uid = s.series_instance_uid), "
-        "s.first_received_at, s.last_received_at, s.quiet_since, s.completed_at, s.generation "
+        "s.first_received_at, s.last_received_at, s.quiet_since, s.completed_at, s.generation, "
+        "(SELECT COALESCE(SUM(i.frames), 0) FROM instances i "
+        " WHERE i.study_instance_uid = s.study_instance_uid "
+        " AND i.series_instance_uid = s.series_instance_uid), "
+        "(SELECT MAX(i.announced_frames) FROM instances i "
+        " WHERE i.study_instance_uid = s.study_instance_uid "
+        " AND i.series_instance_uid = s.series_instance_uid) "
         "FROM series s"
     )
 
