@@ -7,7 +7,8 @@ ratio. Each round gets fresh UIDs so the node never takes the re-send path.
 
     .venv/bin/python bench/ingest.py [--rounds 5] [--fsync]
 
-Goal (issue 2): node >= 0.5x storescp.
+Goal (issue 2): node >= 0.5x storescp. ``--minimal`` adds a third target for context: a
+minimal pynetdicom SCP (bench/minimal_scp.py: default settings, raw bytes to a folder).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--fsync", action="store_true", help="node with storage.fsync: true")
     parser.add_argument(
+        "--minimal", action="store_true", help="also time a minimal pynetdicom SCP"
+    )
+    parser.add_argument(
         "--series-dir", type=Path, help="send a copy of this series instead of a phantom"
     )
     args = parser.parse_args()
@@ -125,26 +129,47 @@ def main() -> int:
                 stderr=subprocess.DEVNULL,
             )
         )
+        minimal_port = free_port()
+        if args.minimal:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(ROOT / "bench" / "minimal_scp.py"), str(minimal_port),
+                     str(work / "minimal")]
+                )
+            )
+            wait_for_port(minimal_port)
         wait_for_port(node_port)
         wait_for_port(scp_port)
 
-        node_rates, scp_rates = [], []
+        node_rates, scp_rates, minimal_rates = [], [], []
         for round_number in range(1, args.rounds + 1):
             refresh_uids(series_dir)
             node_s = send(files, "DCN_NODE", node_port)
             scp_s = send(files, "STORESCP", scp_port)
             node_rates.append(len(files) / node_s)
             scp_rates.append(len(files) / scp_s)
-            print(
+            line = (
                 f"round {round_number}: node {node_s:.2f} s ({node_rates[-1]:.0f} img/s), "
                 f"storescp {scp_s:.2f} s ({scp_rates[-1]:.0f} img/s)"
             )
+            if args.minimal:
+                minimal_s = send(files, "MINIMAL", minimal_port)
+                minimal_rates.append(len(files) / minimal_s)
+                line += f", minimal pynetdicom {minimal_s:.2f} s ({minimal_rates[-1]:.0f} img/s)"
+            print(line)
         node_rate, scp_rate = statistics.median(node_rates), statistics.median(scp_rates)
         mode = "fsync on" if args.fsync else "fsync off"
         print(
             f"median: node ({mode}) {node_rate:.0f} img/s, storescp {scp_rate:.0f} img/s, "
             f"ratio {node_rate / scp_rate:.2f}x (goal >= 0.5x)"
         )
+        if minimal_rates:
+            minimal_rate = statistics.median(minimal_rates)
+            print(
+                f"median: minimal pynetdicom SCP {minimal_rate:.0f} img/s, "
+                f"ratio {minimal_rate / scp_rate:.2f}x storescp; node/minimal "
+                f"{node_rate / minimal_rate:.2f}x"
+            )
     finally:
         for proc in procs:
             proc.terminate()
