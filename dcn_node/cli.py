@@ -143,6 +143,45 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Phantom seeds used for training start here; evaluation seeds start at EVAL_SEED_BASE,
+#: so the held-out set never overlaps the training set.
+TRAIN_SEED_BASE = 1000
+EVAL_SEED_BASE = 900000
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from dcn_node.training.cases import Case, manifest_cases, phantom_cases
+    from dcn_node.training.trainer import Trainer, TrainSettings
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.log or args.out / f"train-{args.profile}.log"
+    configure_logging("INFO", log_file=log_path)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    from dcn_node.inference.networks import PROFILES
+
+    size = PROFILES[args.profile].input_size
+    if args.manifest:
+        paths = manifest_cases(args.manifest, args.cache, size)
+    else:
+        first = TRAIN_SEED_BASE + args.seed
+        seeds = list(range(first, first + args.phantoms))
+        paths = phantom_cases(args.cache, seeds, size)
+    cases = [Case.load(p) for p in paths]
+    LOGGER.info("training on %d cases (%d slices); log %s", len(cases),
+                sum(len(c.image) for c in cases), log_path)
+    settings = TrainSettings(
+        profile=args.profile, lung_epochs=args.lung_epochs, dcn_epochs=args.dcn_epochs,
+        spm_epochs=args.spm_epochs, lung_slices_per_epoch=args.lung_slices_per_epoch,
+        dcn_positives_per_epoch=args.dcn_positives_per_epoch, seed=args.seed,
+        device=args.device,
+    )
+    manifest = Trainer(cases, args.out, settings).run()
+    print(f"weights and manifest: {manifest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcn-node",
@@ -179,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--normal", action="store_true", help="no lesions")
     phantom.add_argument("--matrix", type=int, default=512, help="rows = columns")
     phantom.set_defaults(func=cmd_phantom)
+
+    train = sub.add_parser("train", help="train the lung U-Net, DCN and SPM (resumable)")
+    train.add_argument("--out", type=Path, default=Path("models"), help="weights folder")
+    train.add_argument("--profile", choices=["lite", "paper"], default="lite")
+    train.add_argument("--manifest", type=Path, help="CSV of real cases (image,lung_mask,"
+                       "lesion_mask,label); default: generated phantoms")
+    train.add_argument("--phantoms", type=int, default=60, help="phantom cases to train on")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cache", type=Path, default=Path("var/train-cache"))
+    train.add_argument("--lung-epochs", type=int, default=50)
+    train.add_argument("--dcn-epochs", type=int, default=100)
+    train.add_argument("--spm-epochs", type=int, default=20)
+    train.add_argument("--lung-slices-per-epoch", type=int, default=0, help="0 = all")
+    train.add_argument("--dcn-positives-per-epoch", type=int, default=0, help="0 = all")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--threads", type=int, default=0)
+    train.add_argument("--log", type=Path, help="log file (default OUT/train-PROFILE.log)")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The DCN model (Gao et al., Medical Image Analysis 2021): networks, transforms, engine."""

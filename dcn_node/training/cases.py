@@ -1,0 +1,152 @@
+"""Training cases: a CT volume with lung mask, lesion mask and label, cached at the model's
+input size.
+
+Sources: generated phantoms (:func:`phantom_cases`), or a manifest CSV of real cases
+(:func:`manifest_cases`) with columns ``image,lung_mask,lesion_mask,label``: image is a DICOM
+folder, a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) file; the masks are optional files of the
+same kinds (NIfTI/NRRD) or empty; label is 1 (COVID-19) or 0. Without a lung mask the case
+trains only the DCN (the lung comes from the trained U-Net); without a lesion mask the
+case's slices count as lesion-free when label is 0 and are skipped by the segmentation loss
+when label is 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcn_node.errors import DcnNodeError
+from dcn_node.inference.transforms import resize_images, resize_masks, window
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Case:
+    """One cached case at the model input size (arrays are (slices, size, size))."""
+
+    name: str
+    image: np.ndarray  # float16, windowed to [0, 1]
+    lung: np.ndarray | None  # bool
+    lesion: np.ndarray | None  # bool
+    label: int
+
+    def save(self, path: Path) -> None:
+        arrays: dict[str, np.ndarray] = {"image": self.image, "label": np.array(self.label)}
+        if self.lung is not None:
+            arrays["lung"] = self.lung
+        if self.lesion is not None:
+            arrays["lesion"] = self.lesion
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> Case:
+        with np.load(path) as data:
+            return cls(
+                name=path.stem,
+                image=data["image"],
+                lung=data["lung"] if "lung" in data else None,
+                lesion=data["lesion"] if "lesion" in data else None,
+                label=int(data["label"]),
+            )
+
+
+def make_case(
+    name: str, hu: np.ndarray, lung: np.ndarray | None, lesion: np.ndarray | None, label: int,
+    size: int,
+) -> Case:
+    """Window and resize a HU volume (slices, rows, columns) and its masks to ``size``."""
+    image = resize_images(torch.from_numpy(window(hu)), size).numpy().astype(np.float16)
+
+    def _mask(mask: np.ndarray | None) -> np.ndarray | None:
+        if mask is None:
+            return None
+        if mask.shape != hu.shape:
+            raise DcnNodeError(f"{name}: mask shape {mask.shape} differs from image {hu.shape}")
+        return resize_masks(torch.from_numpy(mask.astype(bool)), size).numpy()
+
+    return Case(name, image, _mask(lung), _mask(lesion), int(label))
+
+
+def phantom_cases(
+    cache_dir: Path, seeds: list[int], size: int, thicknesses: tuple[float, ...] = (5.0, 1.0),
+    normal_every: int = 2,
+) -> list[Path]:
+    """Generate (or reuse) phantom cases: every ``normal_every``-th seed is normal, slice
+    thickness cycles through ``thicknesses``. Returns the cached case files."""
+    from dcn_node.phantom import generate_volume
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, seed in enumerate(seeds):
+        normal = index % normal_every == 1
+        thickness = thicknesses[(index // normal_every) % len(thicknesses)]
+        path = cache_dir / f"phantom-{seed}-{'n' if normal else 'p'}-{thickness:g}mm-{size}.npz"
+        if not path.exists():
+            volume = generate_volume(seed, thickness_mm=thickness, normal=normal)
+            case = make_case(path.stem, volume.hu, volume.lung, volume.lesion, volume.label,
+                             size)
+            case.save(path)
+            LOGGER.info("phantom seed %d: %d slices, label %d", seed, len(case.image),
+                        case.label)
+        paths.append(path)
+    return paths
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """A NIfTI or NRRD volume as (slices, rows, columns)."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        try:
+            import nibabel
+        except ImportError as exc:
+            raise DcnNodeError("reading NIfTI needs nibabel: pip install -e .[train]") from exc
+        data = np.asarray(nibabel.load(str(path)).dataobj)
+    elif name.endswith(".nrrd"):
+        try:
+            import nrrd
+        except ImportError as exc:
+            raise DcnNodeError("reading NRRD needs pynrrd: pip install -e .[train]") from exc
+        data, _ = nrrd.read(str(path))
+    else:
+        raise DcnNodeError(f"{path}: not a NIfTI or NRRD file")
+    # Both store (x, y, z): make it (z, y, x) = (slices, rows, columns).
+    return np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+
+
+def manifest_cases(manifest: Path, cache_dir: Path, size: int) -> list[Path]:
+    """Cache the cases listed in a manifest CSV (paths relative to the manifest)."""
+    from dcn_node.volume import load_dicom_folder
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    base = manifest.parent
+    paths = []
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        for row_number, row in enumerate(csv.DictReader(handle), start=2):
+            try:
+                image_path = base / row["image"]
+                label = int(row["label"])
+            except (KeyError, ValueError) as exc:
+                raise DcnNodeError(
+                    f"{manifest}:{row_number}: needs image and label ({exc})"
+                ) from None
+            path = cache_dir / f"case-{row_number:05d}-{size}.npz"
+            if not path.exists():
+                if image_path.is_dir():
+                    hu = load_dicom_folder(image_path).hu
+                else:
+                    hu = _read_array(image_path).astype(np.float32)
+                lung = _read_array(base / row["lung_mask"]) if row.get("lung_mask") else None
+                lesion = (_read_array(base / row["lesion_mask"]) > 0
+                          if row.get("lesion_mask") else None)
+                if lesion is None and label == 0:
+                    lesion = np.zeros(hu.shape, dtype=bool)
+                make_case(path.stem, hu, lung > 0 if lung is not None else None, lesion,
+                          label, size).save(path)
+            paths.append(path)
+    return paths

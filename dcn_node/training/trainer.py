@@ -1,0 +1,319 @@
+"""Training loops with checkpoints, resume and a readable log (paper 2.5 and 3.2.1).
+
+Stages run in order, each resumable from its last finished epoch:
+
+1. ``lung``: U-Net on (windowed slice -> lung mask), Dice loss.
+2. ``dcn``: DCN on lung-masked slices; weighted Dice (lesion slices only) + lambda * BCE;
+   each epoch takes every lesion slice (up to a cap) and as many lesion-free slices drawn
+   afresh (under-sampling, 3.2.1).
+3. ``spm``: the three-layer FCN on resampled slice-probability curves, BCE.
+
+Adam, lr 1e-3, decayed x0.95 per epoch, fixed seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
+from dcn_node.inference.networks import resample_slice_probabilities as resample
+from dcn_node.training.cases import Case
+from dcn_node.training.losses import dcn_loss, dice_loss
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    profile: str = "lite"
+    lung_epochs: int = 50
+    dcn_epochs: int = 100
+    spm_epochs: int = 20
+    lung_batch: int = 16
+    dcn_batch: int = 8
+    spm_batch: int = 16
+    learning_rate: float = 1e-3
+    lr_decay: float = 0.95
+    #: Slices per lung epoch and lesion slices per DCN epoch (CPU budgets; 0 = all).
+    lung_slices_per_epoch: int = 0
+    dcn_positives_per_epoch: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    #: bfloat16 autocast on CPU / float16 on CUDA during training.
+    mixed_precision: bool = True
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Progress:
+    """One log line per ~10 % of an epoch: step, loss, speed."""
+
+    def __init__(self, stage: str, epoch: int, epochs: int, steps: int) -> None:
+        self.stage, self.epoch, self.epochs, self.steps = stage, epoch, epochs, steps
+        self.started = time.perf_counter()
+        self.every = max(1, steps // 10)
+
+    def step(self, index: int, **losses: float) -> None:
+        if (index + 1) % self.every and index + 1 != self.steps:
+            return
+        elapsed = time.perf_counter() - self.started
+        shown = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        LOGGER.info(
+            "%s epoch %d/%d [%s%s] %d/%d %s (%.1f s)", self.stage, self.epoch, self.epochs,
+            "#" * int(20 * (index + 1) / self.steps), "." * (20 - int(20 * (index + 1) /
+                                                                  self.steps)),
+            index + 1, self.steps, shown, elapsed,
+        )
+
+
+class Trainer:
+    """Trains the three networks of one profile on cached cases into ``out_dir``."""
+
+    def __init__(self, cases: list[Case], out_dir: Path, settings: TrainSettings) -> None:
+        self.cases = cases
+        self.out_dir = out_dir
+        self.settings = settings
+        self.profile = PROFILES[settings.profile]
+        self.device = torch.device(settings.device)
+        self.checkpoints = out_dir / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _autocast(self) -> torch.autocast:
+        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype,
+                              enabled=self.settings.mixed_precision)
+
+    def _optimizer(self, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, object]:
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.settings.learning_rate)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, self.settings.lr_decay)
+        return optimizer, scheduler
+
+    def _resume(self, stage: str, model: torch.nn.Module, optimizer, scheduler) -> int:
+        path = self.checkpoints / f"{stage}.pt"
+        if not path.exists():
+            return 0
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        LOGGER.info("%s: resuming after epoch %d", stage, state["epoch"])
+        return int(state["epoch"])
+
+    def _checkpoint(self, stage: str, epoch: int, model, optimizer, scheduler) -> None:
+        path = self.checkpoints / f"{stage}.pt"
+        temp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "python_rng": random.getstate(),
+                "numpy_rng": np.random.get_state(), "torch_rng": torch.get_rng_state(),
+            },
+            temp,
+        )
+        temp.replace(path)
+
+    def _batch(self, refs: list[tuple[int, int]], with_lung_mask: bool) -> dict[str, torch.Tensor]:
+        images, lungs, lesions = [], [], []
+        for case_index, slice_index in refs:
+            case = self.cases[case_index]
+            image = case.image[slice_index].astype(np.float32)
+            lung = case.lung[slice_index] if case.lung is not None else np.ones_like(image, bool)
+            lesion = (case.lesion[slice_index] if case.lesion is not None
+                      else np.zeros_like(image, bool))
+            if random.random() < 0.5:  # left-right flip: lungs are near-symmetric
+                image, lung, lesion = image[:, ::-1], lung[:, ::-1], lesion[:, ::-1]
+            images.append(image * lung if with_lung_mask else image)
+            lungs.append(lung)
+            lesions.append(lesion)
+        to = {"device": self.device}
+        return {
+            "image": torch.from_numpy(np.stack(images)[:, None].copy()).to(**to),
+            "lung": torch.from_numpy(np.stack(lungs)[:, None].copy()).to(**to),
+            "lesion": torch.from_numpy(np.stack(lesions)[:, None].copy()).to(**to),
+        }
+
+    # -- stage 1: lung U-Net -------------------------------------------------------------
+
+    def train_lung(self) -> UNet:
+        settings = self.settings
+        model = UNet(1, self.profile.unet_width).to(self.device)
+        optimizer, scheduler = self._optimizer(model)
+        start = self._resume("lung", model, optimizer, scheduler)
+        pool = [(c, s) for c, case in enumerate(self.cases) if case.lung is not None
+                for s in range(len(case.image))]
+        per_epoch = settings.lung_slices_per_epoch or len(pool)
+        for epoch in range(start + 1, settings.lung_epochs + 1):
+            model.train()
+            chosen = random.sample(pool, min(per_epoch, len(pool)))
+            steps = max(1, len(chosen) // settings.lung_batch)
+            progress = _Progress("lung", epoch, settings.lung_epochs, steps)
+            for step in range(steps):
+                batch = self._batch(chosen[step * settings.lung_batch:
+                                           (step + 1) * settings.lung_batch], False)
+                with self._autocast():
+                    logits = model(batch["image"])
+                loss = dice_loss(logits, batch["lung"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.step(step, dice_loss=loss.item())
+            scheduler.step()
+            self._checkpoint("lung", epoch, model, optimizer, scheduler)
+        return model.eval()
+
+    # -- stage 2: DCN ------------------------------------------------------------------
+
+    def train_dcn(self) -> DCN:
+        settings = self.settings
+        model = DCN(self.profile).to(self.device)
+        optimizer, scheduler = self._optimizer(model)
+        start = self._resume("dcn", model, optimizer, scheduler)
+        positives, negatives = [], []
+        for c, case in enumerate(self.cases):
+            if case.lung is None:
+                continue
+            has_lung = case.lung.reshape(len(case.lung), -1).any(1)
+            if case.lesion is not None:
+                has_lesion = case.lesion.reshape(len(case.lesion), -1).any(1)
+            else:
+                has_lesion = np.zeros(len(case.image), bool)
+            for s in np.flatnonzero(has_lung):
+                (positives if has_lesion[s] else negatives).append((c, int(s)))
+        LOGGER.info("dcn: %d lesion slices, %d lesion-free lung slices", len(positives),
+                    len(negatives))
+        for epoch in range(start + 1, settings.dcn_epochs + 1):
+            model.train()
+            cap = settings.dcn_positives_per_epoch or len(positives)
+            pos = random.sample(positives, min(cap, len(positives)))
+            neg = random.sample(negatives, min(len(pos), len(negatives)))  # re-drawn each epoch
+            chosen = [(r, 1) for r in pos] + [(r, 0) for r in neg]
+            random.shuffle(chosen)
+            steps = max(1, len(chosen) // settings.dcn_batch)
+            progress = _Progress("dcn", epoch, settings.dcn_epochs, steps)
+            for step in range(steps):
+                part = chosen[step * settings.dcn_batch:(step + 1) * settings.dcn_batch]
+                batch = self._batch([r for r, _ in part], True)
+                label = torch.tensor([lab for _, lab in part], dtype=torch.float32,
+                                     device=self.device)
+                with self._autocast():
+                    out = model(batch["image"])
+                loss, seg, cls = dcn_loss(out.segmentation, batch["lesion"], out.classification,
+                                          label, weight=label)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.step(step, loss=loss.item(), seg=seg.item(), cls=cls.item())
+            scheduler.step()
+            self._checkpoint("dcn", epoch, model, optimizer, scheduler)
+        return model.eval()
+
+    # -- stage 3: slice probability mapping -------------------------------------------
+
+    @torch.no_grad()
+    def slice_probabilities(self, lung_model: UNet, dcn: DCN, case: Case) -> torch.Tensor:
+        """DCN slice probabilities over the slices the lung U-Net finds lung on."""
+        probabilities = []
+        for start in range(0, len(case.image), 32):
+            image = torch.from_numpy(case.image[start:start + 32].astype(np.float32))[:, None]
+            image = image.to(self.device)
+            with self._autocast():
+                lung = torch.sigmoid(lung_model(image).float()) >= 0.5
+                keep = lung.flatten(1).sum(1) > 0
+                if keep.any():
+                    out = dcn((image * lung)[keep])
+                    probabilities.append(torch.sigmoid(out.classification.float()))
+        return torch.cat(probabilities) if probabilities else torch.zeros(1)
+
+    def train_spm(self, lung_model: UNet, dcn: DCN) -> SliceProbabilityMapping:
+        settings = self.settings
+        curves, labels = [], []
+        for case in self.cases:
+            probabilities = self.slice_probabilities(lung_model, dcn, case).cpu()
+            # Also every 2nd and 3rd slice: the same patient at thicker slices, so the
+            # mapping sees the slice-count variation it must be robust to (2.4).
+            for step in (1, 2, 3):
+                curves.append(resample(probabilities[::step]))
+                labels.append(float(case.label))
+        x, y = torch.stack(curves), torch.tensor(labels)
+        model = SliceProbabilityMapping().to(self.device)
+        optimizer, scheduler = self._optimizer(model)
+        start = self._resume("spm", model, optimizer, scheduler)
+        for epoch in range(start + 1, settings.spm_epochs + 1):
+            model.train()
+            order = torch.randperm(len(x))
+            steps = max(1, len(x) // settings.spm_batch)
+            progress = _Progress("spm", epoch, settings.spm_epochs, steps)
+            for step in range(steps):
+                index = order[step * settings.spm_batch:(step + 1) * settings.spm_batch]
+                logits = model(x[index].to(self.device))
+                loss = F.binary_cross_entropy_with_logits(logits, y[index].to(self.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.step(step, bce=loss.item())
+            scheduler.step()
+            self._checkpoint("spm", epoch, model, optimizer, scheduler)
+        return model.eval()
+
+    # -- all ---------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Train the three stages (resuming where a previous run stopped) and write the
+        weights and their manifest; returns the manifest path."""
+        _seed_everything(self.settings.seed)
+        torch.backends.cudnn.benchmark = False
+        lung = self.train_lung()
+        dcn = self.train_dcn()
+        spm = self.train_spm(lung, dcn)
+        return save_weights(self.out_dir, self.settings, lung, dcn, spm)
+
+
+def save_weights(out_dir: Path, settings: TrainSettings, lung: UNet, dcn: DCN,
+                 spm: SliceProbabilityMapping) -> Path:
+    """Write ``<profile>-{lung,dcn,spm}.pt`` (state dicts only, loadable with
+    ``weights_only=True``) and ``<profile>-manifest.json`` with their SHA-256."""
+    from dcn_node import __version__
+
+    files = {}
+    for name, model in (("lung", lung), ("dcn", dcn), ("spm", spm)):
+        path = out_dir / f"{settings.profile}-{name}.pt"
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        torch.save(state, path)
+        files[name] = {"file": path.name, "sha256": sha256_of(path)}
+    manifest = out_dir / f"{settings.profile}-manifest.json"
+    manifest.write_text(json.dumps({
+        "model_version": f"{settings.profile}-{time.strftime('%Y%m%d')}",
+        "software_version": __version__,
+        "profile": asdict(PROFILES[settings.profile]),
+        "training": asdict(settings),
+        "files": files,
+    }, indent=2) + "\n")
+    LOGGER.info("weights written: %s", ", ".join(f["file"] for f in files.values()))
+    return manifest
