@@ -182,6 +182,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def summarize(volume, result) -> dict:  # type: ignore[no-untyped-def]
+    """The summary.json of ``dcn-node analyze`` (names relied on by outside scripts)."""
+    voxel_ml = volume.voxel_volume_ml
+    lung_ml = float(result.lung.sum() * voxel_ml)
+    lesion_ml = float(result.lesion.sum() * voxel_ml)
+    return {
+        "series_instance_uid": volume.series_instance_uid,
+        "study_instance_uid": volume.study_instance_uid,
+        "probability": round(result.probability, 6),
+        "positive": bool(result.positive),
+        "lesion_volume_ml": round(lesion_ml, 2),
+        "lung_volume_ml": round(lung_ml, 2),
+        "involvement_percent": round(100.0 * lesion_ml / lung_ml, 3) if lung_ml else 0.0,
+        "slices": int(volume.hu.shape[0]),
+        "seconds": round(result.seconds, 3),
+        "model_version": result.model_version,
+        "note": "research use only, not for diagnostic use",
+    }
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
+    from dcn_node.volume import load_dicom_folder
+
+    settings = _settings(args)
+    engine = Engine(args.models or DEFAULT_MODELS_DIR, settings.inference.profile,
+                    settings.inference.device)
+    volume = load_dicom_folder(args.dicom_dir)
+    result = engine.analyze(volume)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(volume, result)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    np.savez_compressed(
+        args.out / "masks.npz",
+        lesion=result.lesion,
+        lung=result.lung,
+        sop_instance_uids=np.array(volume.sop_instance_uids),
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcn-node",
@@ -218,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--normal", action="store_true", help="no lesions")
     phantom.add_argument("--matrix", type=int, default=512, help="rows = columns")
     phantom.set_defaults(func=cmd_phantom)
+
+    analyze = sub.add_parser("analyze", help="run the model on a DICOM folder, offline")
+    analyze.add_argument("dicom_dir", type=Path)
+    analyze.add_argument("--out", type=Path, required=True)
+    analyze.add_argument("--models", type=Path, help="weights folder (default: models/)")
+    _add_config_argument(analyze)
+    analyze.set_defaults(func=cmd_analyze)
 
     train = sub.add_parser("train", help="train the lung U-Net, DCN and SPM (resumable)")
     train.add_argument("--out", type=Path, default=Path("models"), help="weights folder")
