@@ -226,6 +226,68 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
+    from dcn_node.phantom import generate_phantom
+    from dcn_node.training.evaluation import (
+        Classification,
+        PixelCounts,
+        classification_table,
+        save_roc_png,
+        segmentation_table,
+    )
+    from dcn_node.volume import load_dicom_folder
+
+    configure_logging("INFO")
+    engine = Engine(args.models or DEFAULT_MODELS_DIR, args.profile, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lung, lesion = PixelCounts(), PixelCounts()
+    slice_level, individual = Classification(), Classification()
+    rows = []
+    for index in range(args.cases):
+        seed = EVAL_SEED_BASE + args.seed + index
+        normal = index % 2 == 1
+        thickness = (5.0, 1.0)[(index // 2) % 2]
+        case_dir = args.out / "cases" / f"{seed}"
+        case = generate_phantom(case_dir, seed, thickness_mm=thickness, normal=normal)
+        truth = np.load(case.ground_truth_path)
+        volume = load_dicom_folder(case.series_dir)
+        if list(truth["sop_instance_uids"]) != volume.sop_instance_uids:
+            raise SystemExit(f"slice order of case {seed} differs from its ground truth")
+        result = engine.analyze(volume)
+        lung.add(result.lung, truth["lung"])
+        if case.label:
+            lesion.add(result.lesion, truth["lesion"])
+        has_lung = truth["lung"].reshape(len(truth["lung"]), -1).any(1)
+        has_lesion = truth["lesion"].reshape(len(truth["lesion"]), -1).any(1)
+        for s in np.flatnonzero(has_lung):
+            slice_level.add(int(has_lesion[s]), float(result.slice_probabilities[s]))
+        individual.add(case.label, result.probability)
+        rows.append({"seed": seed, "label": case.label, "thickness_mm": thickness,
+                     "slices": case.slices, "probability": result.probability,
+                     "seconds": result.seconds})
+        LOGGER.info("case %d (%s, %g mm, %d slices): p=%.3f in %.1f s", seed,
+                    "lesions" if case.label else "normal", thickness, case.slices,
+                    result.probability, result.seconds)
+        if not args.keep_cases:
+            import shutil
+
+            shutil.rmtree(case_dir)
+    report = "\n\n".join([
+        f"Held-out phantoms: {args.cases} cases, seeds {EVAL_SEED_BASE + args.seed}.."
+        f"{EVAL_SEED_BASE + args.seed + args.cases - 1}; model {engine.model_version}",
+        segmentation_table(lung, lesion),
+        classification_table(slice_level, individual),
+    ])
+    print(report)
+    (args.out / "report.txt").write_text(report + "\n")
+    (args.out / "cases.json").write_text(json.dumps(rows, indent=2) + "\n")
+    save_roc_png(args.out / "roc.png", {"slice": slice_level, "individual": individual})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcn-node",
@@ -269,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--models", type=Path, help="weights folder (default: models/)")
     _add_config_argument(analyze)
     analyze.set_defaults(func=cmd_analyze)
+
+    evaluate = sub.add_parser("evaluate", help="paper metrics on held-out phantoms")
+    evaluate.add_argument("--out", type=Path, default=Path("var/evaluation"))
+    evaluate.add_argument("--models", type=Path, help="weights folder (default: models/)")
+    evaluate.add_argument("--profile", choices=["lite", "paper"], default="lite")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--cases", type=int, default=40, help="half with lesions, half not")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--keep-cases", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     train = sub.add_parser("train", help="train the lung U-Net, DCN and SPM (resumable)")
     train.add_argument("--out", type=Path, default=Path("models"), help="weights folder")

@@ -1,0 +1,115 @@
+"""The paper's metrics (3.2.2) and tables shaped like its Tables 2 and 3."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates over every threshold (scores descending)."""
+    order = np.argsort(-scores, kind="stable")
+    labels = labels[order].astype(bool)
+    positives, negatives = labels.sum(), (~labels).sum()
+    tpr = np.concatenate([[0.0], np.cumsum(labels) / max(positives, 1)])
+    fpr = np.concatenate([[0.0], np.cumsum(~labels) / max(negatives, 1)])
+    return fpr, tpr
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the probability a positive outranks a negative (ties 1/2)."""
+    labels = labels.astype(bool)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+@dataclass
+class PixelCounts:
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def add(self, predicted: np.ndarray, truth: np.ndarray) -> None:
+        self.tp += int(np.count_nonzero(predicted & truth))
+        self.fp += int(np.count_nonzero(predicted & ~truth))
+        self.fn += int(np.count_nonzero(~predicted & truth))
+
+    @property
+    def dsc(self) -> float:
+        return 2 * self.tp / max(2 * self.tp + self.fp + self.fn, 1)
+
+    @property
+    def precision(self) -> float:
+        return self.tp / max(self.tp + self.fp, 1)
+
+    @property
+    def recall(self) -> float:
+        return self.tp / max(self.tp + self.fn, 1)
+
+
+@dataclass
+class Classification:
+    labels: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    def add(self, label: int, score: float) -> None:
+        self.labels.append(int(label))
+        self.scores.append(float(score))
+
+    def metrics(self, threshold: float = 0.5) -> dict[str, float]:
+        y = np.asarray(self.labels, bool)
+        s = np.asarray(self.scores)
+        p = s >= threshold
+        tp, tn = int((p & y).sum()), int((~p & ~y).sum())
+        fp, fn = int((p & ~y).sum()), int((~p & y).sum())
+        sen = tp / max(tp + fn, 1)
+        spc = tn / max(tn + fp, 1)
+        # Accuracy as (TP + TN) / all: equation 12 prints TP + FP, a typo.
+        return {
+            "Acc": (tp + tn) / max(len(y), 1), "Sen": sen, "Spc": spc, "AA": (sen + spc) / 2,
+            "AUC": auc(y, s), "n": len(y),
+        }
+
+
+def segmentation_table(lung: PixelCounts, lesion: PixelCounts) -> str:
+    lines = ["Table 2 (shape): segmentation performance", f"{'':8}{'DSC':>10}{'Precision':>11}"
+             f"{'Recall':>9}"]
+    for name, counts in (("Lung", lung), ("Lesion", lesion)):
+        lines.append(f"{name:8}{counts.dsc:>10.2%}{counts.precision:>11.2%}{counts.recall:>9.2%}")
+    return "\n".join(lines)
+
+
+def classification_table(slice_level: Classification, individual: Classification) -> str:
+    lines = ["Table 3 (shape): classification performance",
+             f"{'':12}{'Acc':>9}{'Sen':>9}{'Spc':>9}{'AA':>9}{'AUC':>8}{'n':>7}"]
+    for name, result in (("Slice", slice_level), ("Individual", individual)):
+        m = result.metrics()
+        lines.append(f"{name:12}{m['Acc']:>9.2%}{m['Sen']:>9.2%}{m['Spc']:>9.2%}"
+                     f"{m['AA']:>9.2%}{m['AUC']:>8.4f}{m['n']:>7}")
+    return "\n".join(lines)
+
+
+def save_roc_png(path: Path, curves: dict[str, Classification]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    for name, result in curves.items():
+        fpr, tpr = roc_curve(np.asarray(result.labels), np.asarray(result.scores))
+        axis.plot(fpr, tpr, label=f"{name} (AUC {result.metrics()['AUC']:.3f})")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    axis.set_xlabel("1 - specificity")
+    axis.set_ylabel("sensitivity")
+    axis.set_title("ROC, synthetic phantoms (not for diagnostic use)", fontsize=9)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
