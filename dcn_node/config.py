@@ -132,6 +132,10 @@ class Destination(_Frozen):
 class InferenceSettings(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     profile: Literal["lite", "paper"] = "lite"
+    #: Folder with the weights and their manifest; default: the shipped models/.
+    models_dir: Path | None = None
+    #: Run queued series through the model (off: receive and queue only).
+    enabled: bool = True
 
 
 class MetricsSettings(_Frozen):

@@ -20,6 +20,7 @@ from dcn_node.config import Settings
 from dcn_node.receiver import StorageSCP
 from dcn_node.series import SeriesAssembler
 from dcn_node.spool import Spool
+from dcn_node.worker import ModelWorker
 
 LOGGER = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Node:
         self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
         self.assembler = SeriesAssembler(self.spool, settings.completion, settings.selection)
         self.receiver = StorageSCP(settings, self.spool)
+        self.worker = ModelWorker(self.spool, self._make_engine)
         self.scheduler = BackgroundScheduler(daemon=True)
         self._stopped = threading.Event()
 
@@ -54,11 +56,22 @@ class Node:
             coalesce=True,
         )
         self.scheduler.start()
+        if self.settings.inference.enabled:
+            self.worker.start()
         LOGGER.info("dcn-node started; spool at %s", self.spool.root)
+
+    def _make_engine(self) -> object:
+        from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
+
+        inference = self.settings.inference
+        return Engine(inference.models_dir or DEFAULT_MODELS_DIR, inference.profile,
+                      inference.device)
 
     def _check_series(self) -> None:
         try:
-            self.assembler.check()
+            decided = self.assembler.check()
+            if any(assessment.state == "queued" for _, assessment in decided):
+                self.worker.wake()
         except Exception:  # the job must keep running; the reason goes to the log
             LOGGER.exception("Series completion check failed")
 
@@ -69,6 +82,8 @@ class Node:
         LOGGER.info("dcn-node stopping")
         self.receiver.stop(timeout=timeout)
         self.scheduler.shutdown(wait=True)
+        if self.settings.inference.enabled:
+            self.worker.stop()
         self.spool.close()
         self._stopped.set()
         LOGGER.info("dcn-node stopped")

@@ -387,6 +387,9 @@ class Spool:
                 "UPDATE series SET state='receiving', quiet_since=? WHERE state='complete'",
                 (now,),
             )
+            # A model run cut short by the stop runs again.
+            db.execute("UPDATE jobs SET state='queued' WHERE state='processing'")
+            db.execute("UPDATE series SET state='queued' WHERE state='processing'")
 
     def _index_existing(self, path: Path, header: InstanceHeader) -> None:
         from pydicom import dcmread
@@ -500,3 +503,45 @@ class Spool:
         with self._lock:
             rows = self._db.execute(query + " ORDER BY job_id", args).fetchall()
         return [Job(*r) for r in rows]
+
+    def claim_next_job(self) -> Job | None:
+        """Take the oldest queued job: job and series become ``processing``."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT job_id, study_instance_uid, series_instance_uid, generation, state, "
+                "reason FROM jobs WHERE state='queued' ORDER BY job_id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            job = Job(*row)
+            db.execute("UPDATE jobs SET state='processing', updated_at=? WHERE job_id=?",
+                       (now, job.job_id))
+            db.execute(
+                "UPDATE series SET state='processing', updated_at=? WHERE study_instance_uid=? "
+                "AND series_instance_uid=? AND generation=? AND state='queued'",
+                (now, job.study_instance_uid, job.series_instance_uid, job.generation),
+            )
+        return Job(job.job_id, job.study_instance_uid, job.series_instance_uid,
+                   job.generation, "processing", None)
+
+    def finish_job(self, job: Job, state: str, reason: str | None = None) -> None:
+        """Record a job's outcome (``done`` or ``failed``) on the job and, unless a late
+        arrival reopened it meanwhile, on its series."""
+        if state not in ("done", "failed"):
+            raise ValueError(f"a job finishes done or failed, not {state!r}")
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET state=?, reason=?, updated_at=? WHERE job_id=?",
+                       (state, reason, now, job.job_id))
+            db.execute(
+                "UPDATE series SET state=?, reason=?, updated_at=? WHERE study_instance_uid=? "
+                "AND series_instance_uid=? AND generation=? AND state='processing'",
+                (state, reason, now, job.study_instance_uid, job.series_instance_uid,
+                 job.generation),
+            )
+
+    def results_dir(self, job: Job) -> Path:
+        """Where a job's results are kept: results/<series>/<generation>/."""
+        return (self.root / "results" / _safe_component(job.series_instance_uid)
+                / str(job.generation))

@@ -40,6 +40,8 @@ def test_config(spool_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
         "completion": {"quiet_seconds": 1.0, "check_interval_seconds": 0.1, "min_slices": 5},
         "destinations": [],
         "metrics": {"port": 0},
+        # Receiving tests look at queued series; tests/test_worker.py turns the model on.
+        "inference": {"enabled": False},
     }
     return deep_merge(base, sections)
 

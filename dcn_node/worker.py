@@ -1,0 +1,109 @@
+"""The model worker: takes queued series from the spool and runs the engine on them.
+
+One model run at a time by default, on its own thread: receiving never waits on it. A
+failure marks the job and series ``failed`` with the reason, and the worker carries on.
+Results of each run are kept in the spool (``results/<series>/<generation>/``) as
+``summary.json`` and ``masks.npz``, as ``dcn-node analyze`` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from dcn_node.spool import Job, Spool
+
+LOGGER = logging.getLogger(__name__)
+
+#: Called with the job, the volume and the analysis result once a run succeeded.
+ResultHandler = Callable[[Job, object, object, Path], None]
+
+
+class ModelWorker:
+    """Consumes the job queue until stopped.
+
+    Parameters
+    ----------
+    spool:
+        Where jobs, instances and results live.
+    engine_factory:
+        Builds the inference engine on first use (so a node without weights still
+        receives, and its jobs fail with the reason).
+    on_result:
+        Optional hook run after a successful analysis (the result-objects stage).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        engine_factory: Callable[[], object],
+        *,
+        poll_seconds: float = 0.5,
+        on_result: ResultHandler | None = None,
+    ) -> None:
+        self.spool = spool
+        self._engine_factory = engine_factory
+        self._engine: object | None = None
+        self._poll_seconds = poll_seconds
+        self._on_result = on_result
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A job was queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            job = self.spool.claim_next_job()
+            if job is None:
+                self._wake.wait(self._poll_seconds)
+                self._wake.clear()
+                continue
+            self.process(job)
+
+    def process(self, job: Job) -> None:
+        """Run one job to done or failed."""
+        from dcn_node.cli import summarize
+        from dcn_node.volume import load_series
+
+        LOGGER.info("Analyzing series %s (generation %d)", job.series_instance_uid,
+                    job.generation)
+        try:
+            if self._engine is None:
+                self._engine = self._engine_factory()
+            instances = self.spool.series_instances(job.study_instance_uid,
+                                                    job.series_instance_uid)
+            volume = load_series([i.path for i in instances])
+            result = self._engine.analyze(volume)  # type: ignore[attr-defined]
+            out_dir = self.spool.results_dir(job)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            summary = summarize(volume, result)
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            np.savez_compressed(out_dir / "masks.npz", lesion=result.lesion, lung=result.lung,
+                                sop_instance_uids=np.array(volume.sop_instance_uids))
+            if self._on_result is not None:
+                self._on_result(job, volume, result, out_dir)
+        except Exception as exc:  # any failure fails this job only; the reason is kept
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            LOGGER.exception("Series %s failed: %s", job.series_instance_uid, reason)
+            self.spool.finish_job(job, "failed", reason)
+            return
+        self.spool.finish_job(job, "done")
+        LOGGER.info("Series %s done: probability %.3f, %s in %.1f s", job.series_instance_uid,
+                    summary["probability"], "positive" if summary["positive"] else "negative",
+                    summary["seconds"])
