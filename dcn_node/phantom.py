@@ -43,7 +43,7 @@ from dcn_node.phantom_anatomy import (
     z_positions,
 )
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 _NOT_OVERRIDABLE = {"SOPInstanceUID", "PixelData", "Rows", "Columns", "BitsAllocated"}
 
 
@@ -100,8 +100,9 @@ def generate_volume(
     """Generate a synthetic chest CT.
 
     Args:
-        seed: non-negative; the patient, lesions and noise all follow from it (anatomy and
-            lesions do not depend on ``matrix`` or ``thickness_mm``).
+        seed: non-negative; the patient, acquisition, lesions and noise all follow from it.
+            The patient (anatomy, field of view, kernel) does not depend on ``matrix``,
+            ``thickness_mm`` or ``normal``; where lesions and vessel branches fall does.
         slices: number of slices; ``None`` covers the lungs plus a margin (220-320 mm).
         thickness_mm: slice thickness = spacing between slices.
         normal: no lesions (label 0).
@@ -171,12 +172,14 @@ def _add_vessels(rng: np.random.Generator, lay: Layout, g: Grid, z: np.ndarray, 
         lateral = 1.0 if s else -1.0
         art, vein = (hx, hy - 4, hz + 6), (hx, hy + 10, hz - 24)
         trunks += [(lay.pa_top, art, 9.0), (atrium, vein, 7.0)]
-        # A fan of segmental branches, more of them towards the large lower lobes.
-        for elev in (-70, -45, -20, 5, 35, 60):
-            e = math.radians(elev + rng.uniform(-8, 8))
-            for start, r0 in ((art, 3.6), (vein, 3.3)):
-                d = (lateral * math.cos(e), rng.uniform(-0.5, 0.7), math.sin(e))
-                roots.append((start, d, r0 * rng.uniform(0.85, 1.1), s, start is art))
+        # A fan of segmental branches up, down, forwards, sideways and backwards.
+        for elev in (-65, -35, -5, 25, 55):
+            for azim in (-60, 0, 60):
+                e = math.radians(elev + rng.uniform(-10, 10))
+                a = math.radians(azim + rng.uniform(-15, 15))
+                d = (lateral * math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e))
+                for start, r0 in ((art, 2.9), (vein, 2.6)):
+                    roots.append((start, d, r0 * rng.uniform(0.85, 1.1), s, start is art))
     segs = [(np.array([t[0] for t in trunks], float), np.array([t[1] for t in trunks], float),
              np.array([t[2] for t in trunks]), np.zeros(len(trunks), bool))]
     pos = np.array([t[0] for t in roots], float)
@@ -187,7 +190,7 @@ def _add_vessels(rng: np.random.Generator, lay: Layout, g: Grid, z: np.ndarray, 
     artery = np.array([t[4] for t in roots])
     r_min = max(0.45, 0.3 * sp)
     hila = np.array(lay.hila)
-    z0, n = float(z[0]), len(z)
+    z0 = float(z[0])
     for gen in range(18):
         if not len(rad):
             break
@@ -203,25 +206,30 @@ def _add_vessels(rng: np.random.Generator, lay: Layout, g: Grid, z: np.ndarray, 
         out = pos - hila[side]  # away from the hilum: vessels radiate to the periphery
         out /= np.linalg.norm(out, axis=1, keepdims=True) + 1e-6
         radial = np.einsum("mkd,md->mk", v, out) / dist
-        score = 1.5 * cos + 0.5 * radial - 0.7 * np.abs(np.log(dist / (2 * want[:, None])))
-        best = np.argmax(score + rng.normal(0, 0.3, score.shape), axis=1)
+        score = 2.5 * cos + 1.0 * radial - 0.5 * np.abs(np.log(dist / (2 * want[:, None])))
+        best = np.argmax(score + rng.normal(0, 0.2, score.shape), axis=1)
         rows = np.arange(m)
         unit = v[rows, best] / dist[rows, best, None]
-        end = pos + unit * np.minimum(want, 0.9 * dist[rows, best])[:, None]
+        length = np.minimum(want, 0.9 * dist[rows, best])
+        end = pos + unit * length[:, None]
+        inside = _in_lung(lung, end, z0, thick, g)
+        # A branch that would end outside the lung (a dome, the heart) is cut to half length.
+        half = pos + unit * (0.5 * length)[:, None]
+        retry = ~inside & _in_lung(lung, half, z0, thick, g)
+        end[retry], inside = half[retry], inside | retry | (gen == 0)  # roots cross the heart
         segs.append((pos, end, rad, artery))
-        kk = np.rint((end[:, 2] - z0) / thick).astype(int)
-        rr = np.rint((end[:, 1] - g.ys[0]) / sp).astype(int)
-        cc = np.rint((end[:, 0] - g.xs[0]) / sp).astype(int)
-        ok = (rr >= 0) & (rr < lung.shape[1]) & (cc >= 0) & (cc < lung.shape[2])
-        inz = (kk >= 0) & (kk < n)
-        inside = ok & ~inz
-        inside[ok & inz] = lung[kk[ok & inz], rr[ok & inz], cc[ok & inz]]
         # A main continuation and side branches (three-way near the hilum).
         ratios = [(0.75, 0.9), (0.45, 0.75)] + ([(0.45, 0.7)] if gen < 2 else [])
         child_r = [rad * rng.uniform(lo, hi, m) for lo, hi in ratios]
         keep = [inside & (cr >= r_min) for cr in child_r]
+        # Side branches leave at an angle, on opposite sides of the parent.
+        perp = rng.normal(0, 1, (m, 3))
+        perp -= np.sum(perp * unit, axis=1, keepdims=True) * unit
+        perp /= np.linalg.norm(perp, axis=1, keepdims=True) + 1e-9
+        child_d = [unit, unit + 1.1 * perp, unit - 1.1 * perp][: len(ratios)]
+        child_d = [d / np.linalg.norm(d, axis=1, keepdims=True) for d in child_d]
         pos = np.concatenate([end[k] for k in keep])
-        dirs_arr = np.concatenate([unit[k] for k in keep])
+        dirs_arr = np.concatenate([d[k] for d, k in zip(child_d, keep, strict=True)])
         rad = np.concatenate([cr[k] for cr, k in zip(child_r, keep, strict=True)])
         side = np.concatenate([side[k] for k in keep])
         artery = np.concatenate([artery[k] for k in keep])
@@ -245,6 +253,19 @@ def _add_vessels(rng: np.random.Generator, lay: Layout, g: Grid, z: np.ndarray, 
         _composite(hu, is_lung, _splat(hu.shape, a + off, b + off, rb, z0, thick, g), 10.0)
         _composite(hu, is_lung, _splat(hu.shape, a + off, b + off, 0.72 * rb, z0, thick, g),
                    -995.0)
+
+
+def _in_lung(lung: np.ndarray, pts: np.ndarray, z0: float, thick: float, g: Grid) -> np.ndarray:
+    """Whether points (mm) lie in the lung; points above or below the volume count as in."""
+    n, rows, cols = lung.shape
+    kk = np.rint((pts[:, 2] - z0) / thick).astype(int)
+    rr = np.rint((pts[:, 1] - g.ys[0]) / g.sp).astype(int)
+    cc = np.rint((pts[:, 0] - g.xs[0]) / g.sp).astype(int)
+    ok = (rr >= 0) & (rr < rows) & (cc >= 0) & (cc < cols)
+    inz = ok & (kk >= 0) & (kk < n)
+    inside = ok & ~inz
+    inside[inz] = lung[kk[inz], rr[inz], cc[inz]]
+    return inside
 
 
 def _composite(hu: np.ndarray, allowed: np.ndarray, weight: np.ndarray, value: float) -> None:

@@ -121,7 +121,7 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         muscle=muscle,
         shoulder=u(0.03, 0.12),
         belly=u(0.0, 0.12) + fat / 250,
-        breast=(u(40, 65) * size, u(18, 45) * size, u(40, 60)) if female else (0.0, 0.0, 0.0),
+        breast=(u(50, 80) * size, u(15, 40) * size, u(40, 60)) if female else (0.0, 0.0, 0.0),
         arms_down=bool(rng.random() < 0.3),
         arm_gap=u(-4, 14),
         arm_r=u(38, 52) * size,
@@ -152,7 +152,7 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         muscle_hu=u(38, 55),
         liver_hu=u(95, 120) if contrast else u(50, 68),
         table=(u(0, 35), u(35, 55), u(150, 450)) if rng.random() < 0.92 else (0.0, 0.0, 0.0),
-        fov=float(np.clip(round(2 * a * u(1.02, 1.32)), 282, 461)),
+        fov=float(np.clip(round(2 * a * u(0.95, 1.3)), 282, 461)),  # may cut the torso
         sharp=sharp,
         noise_sd=(u(25, 55) if sharp else u(7, 16)) * low_dose,
         blur_mm=u(0.3, 0.45) if sharp else u(0.55, 0.9),
@@ -345,22 +345,26 @@ def render_slice(lay: Layout, g: Grid, z: float, thick: float, hu: np.ndarray,
     b_ant = p.b * (1 + p.belly * _ss(-0.05, -0.6, u)) * (1 - 0.3 * neck)
     dxb, dyb = xs - p.bx, ys - p.by
     d_body, _, _ = _radial(dxb, dyb, big_a, b_ant, 1.08 * p.b)
+    rx, ry, rz = p.breast
+    zb = 0.45 * p.height
+    breast = None
+    if rx and abs(z - zb) < rz:  # supine breasts: smooth bumps of the anterior contour
+        s = math.sqrt(1 - ((z - zb) / rz) ** 2)
+        bump_x = sum(np.sqrt(np.clip(1 - ((xs - p.bx - side * 0.45 * big_a) / rx) ** 2, 0, 1))
+                     for side in (-1, 1))
+        front = np.clip((p.by - 0.2 * b_ant - ys) / (0.4 * b_ant), 0, 1)
+        breast = np.multiply.outer(front, ry * s * bump_x).astype(F32)
+        d_body = d_body - breast
     body = (d_body < 0) & (ys < lay.y_back)[:, None]
     np.copyto(hu, p.fat_hu + 10 * tc, where=body)
-    np.copyto(hu, p.muscle_hu + 6 * tc, where=body & (d_body < -p.fat))
+    inner = d_body < -p.fat if breast is None else d_body + breast < -p.fat
+    np.copyto(hu, p.muscle_hu + 6 * tc, where=body & inner)
+    if breast is not None:  # fibroglandular tissue in the middle of each breast
+        gland = body & ~inner & (breast > 0.35 * ry * s) & (d_body < -0.35 * ry * s)
+        np.copyto(hu, 20 + 30 * tc, where=gland)
     np.copyto(lab, BODY, where=body)
     bone = np.zeros(hu.shape, bool)
     marrow = np.full(hu.shape, p.marrow_hu, F32)
-    rx, ry, rz = p.breast
-    zb = 0.45 * p.height
-    if rx and abs(z - zb) < rz:
-        s = math.sqrt(1 - ((z - zb) / rz) ** 2)
-        for side in (-1, 1):
-            cx, cy = p.bx + side * 0.45 * big_a, p.by - 0.9 * b_ant + p.fat / 2
-            _paint(hu, g.ellipse(cx, cy, rx * s, ry * s + p.fat / 2, side * 0.25),
-                   p.fat_hu + 10 * tc, lab)
-            _paint(hu, g.ellipse(cx, cy - 0.2 * ry, 0.5 * rx * s, 0.5 * ry * s, side * 0.25),
-                   25 + 25 * tc)
     if p.arms_down and u < 1.05:
         for side in (-1, 1):
             cx, cy, ar = p.bx + side * (big_a + p.arm_gap + p.arm_r), p.by + 0.1 * p.b, p.arm_r
