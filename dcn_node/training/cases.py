@@ -79,14 +79,16 @@ def phantom_cases(
 ) -> list[Path]:
     """Generate (or reuse) phantom cases: every ``normal_every``-th seed is normal, slice
     thickness cycles through ``thicknesses``. Returns the cached case files."""
-    from dcn_node.phantom import generate_volume
+    from dcn_node.phantom import GENERATOR_VERSION, generate_volume
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, seed in enumerate(seeds):
         normal = index % normal_every == 1
         thickness = thicknesses[(index // normal_every) % len(thicknesses)]
-        path = cache_dir / f"phantom-{seed}-{'n' if normal else 'p'}-{thickness:g}mm-{size}.npz"
+        kind = "n" if normal else "p"
+        # The generator version is in the name: a changed generator never reuses old cases.
+        path = cache_dir / f"phantom-v{GENERATOR_VERSION}-{seed}-{kind}-{thickness:g}mm-{size}.npz"
         if not path.exists():
             volume = generate_volume(seed, thickness_mm=thickness, normal=normal)
             case = make_case(path.stem, volume.hu, volume.lung, volume.lesion, volume.label,
