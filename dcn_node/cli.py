@@ -168,6 +168,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         first = TRAIN_SEED_BASE + args.seed
         seeds = list(range(first, first + args.phantoms))
         paths = phantom_cases(args.cache, seeds, size)
+    if args.folds > 1:
+        # k-fold: fold i (every k-th case from i) is held out; train on the rest.
+        held_out = [p for i, p in enumerate(paths) if i % args.folds == args.fold]
+        paths = [p for i, p in enumerate(paths) if i % args.folds != args.fold]
+        (args.out / f"fold-{args.fold}-of-{args.folds}-held-out.txt").write_text(
+            "\n".join(p.name for p in held_out) + "\n"
+        )
+        LOGGER.info("fold %d of %d: %d cases held out", args.fold, args.folds, len(held_out))
     cases = [Case.load(p) for p in paths]
     LOGGER.info("training on %d cases (%d slices); log %s", len(cases),
                 sum(len(c.image) for c in cases), log_path)
@@ -355,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--spm-epochs", type=int, default=20)
     train.add_argument("--lung-slices-per-epoch", type=int, default=0, help="0 = all")
     train.add_argument("--dcn-positives-per-epoch", type=int, default=0, help="0 = all")
+    train.add_argument("--folds", type=int, default=1, help="k for k-fold (1 = no folds)")
+    train.add_argument("--fold", type=int, default=0, help="which fold to hold out")
     train.add_argument("--device", default="cpu")
     train.add_argument("--threads", type=int, default=0)
     train.add_argument("--log", type=Path, help="log file (default OUT/train-PROFILE.log)")
