@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcn_node.errors import DcnNodeError
 from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
 from dcn_node.inference.networks import resample_slice_probabilities as resample
 from dcn_node.training.cases import Case
@@ -168,6 +169,9 @@ class Trainer:
         start = self._resume("lung", model, optimizer, scheduler)
         pool = [(c, s) for c, case in enumerate(self.cases) if case.lung is not None
                 for s in range(len(case.image))]
+        if not pool:
+            raise DcnNodeError("no training case has a lung mask: the lung U-Net and the DCN "
+                               "need lung masks (manifest column lung_mask)")
         per_epoch = settings.lung_slices_per_epoch or len(pool)
         for epoch in range(start + 1, settings.lung_epochs + 1):
             model.train()

@@ -1,0 +1,102 @@
+"""Training: losses, under-sampling, checkpoints and resume, manifest CSV input, metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcn_node.training.evaluation import Classification, PixelCounts, auc
+from dcn_node.training.losses import dcn_loss, dice_loss_per_slice
+
+
+def test_dice_loss_is_zero_for_a_perfect_mask_and_one_for_disjoint() -> None:
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 2:6, 2:6] = 1
+    perfect = torch.where(target > 0, 50.0, -50.0)
+    assert dice_loss_per_slice(perfect, target).item() == pytest.approx(0.0, abs=0.03)
+    disjoint = torch.where(target > 0, -50.0, 50.0)
+    assert dice_loss_per_slice(disjoint, target).item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_weighted_dice_ignores_slices_without_lesions() -> None:
+    lesion = torch.zeros(2, 1, 8, 8)
+    lesion[0, :, 2:6, 2:6] = 1
+    logits = torch.where(lesion > 0, 50.0, -50.0)
+    logits[1] = 50.0  # a lesion-free slice predicted all lesion: weight 0, no seg loss
+    _, seg, cls = dcn_loss(logits, lesion, torch.tensor([10.0, -10.0]), torch.tensor([1.0, 0.0]),
+                           weight=torch.tensor([1.0, 0.0]))
+    assert seg.item() == pytest.approx(0.0, abs=0.03)
+    assert cls.item() < 1e-3
+
+
+def test_metrics_match_hand_counts() -> None:
+    counts = PixelCounts()
+    counts.add(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool))
+    assert (counts.dsc, counts.precision, counts.recall) == (0.5, 0.5, 0.5)
+    assert auc(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.5, 0.1])) == 0.75
+    result = Classification()
+    for label, score in ((1, 0.9), (1, 0.4), (0, 0.6), (0, 0.1)):
+        result.add(label, score)
+    metrics = result.metrics()
+    assert (metrics["Acc"], metrics["Sen"], metrics["Spc"], metrics["AA"]) == (0.5, 0.5, 0.5, 0.5)
+
+
+def _train(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dcn_node", "train", "--out", str(out), "--cache", str(cache),
+         "--lung-slices-per-epoch", "16", "--dcn-positives-per-epoch", "8", "--spm-epochs", "1",
+         "--threads", "2", *extra],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
+    import nibabel
+    import nrrd
+
+    from dcn_node.phantom import generate_phantom
+
+    rows = ["image,lung_mask,lesion_mask,label"]
+    for seed, normal in ((1, False), (2, True)):
+        case = generate_phantom(tmp_path / f"case{seed}", seed, slices=24, matrix=128,
+                                normal=normal)
+        truth = np.load(case.ground_truth_path)
+        # Masks as real users have them: NRRD lung, NIfTI lesion, both stored (x, y, z).
+        lung_path, lesion_path = tmp_path / f"lung{seed}.nrrd", tmp_path / f"lesion{seed}.nii.gz"
+        nrrd.write(str(lung_path), truth["lung"].transpose(2, 1, 0).astype(np.uint8))
+        nibabel.save(nibabel.Nifti1Image(truth["lesion"].transpose(2, 1, 0).astype(np.uint8),
+                                         np.eye(4)), str(lesion_path))
+        rows.append(f"{case.series_dir.relative_to(tmp_path)},{lung_path.name},"
+                    f"{lesion_path.name},{case.label}")
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out, cache = tmp_path / "models", tmp_path / "cache"
+    first = _train(out, cache, "--manifest", str(manifest), "--lung-epochs", "1",
+                   "--dcn-epochs", "1")
+    assert first.returncode == 0, first.stderr
+    assert (out / "checkpoints" / "lung.pt").exists()
+    from dcn_node.training.cases import Case
+
+    cached = sorted(cache.glob("*.npz"))
+    assert len(cached) == 2
+    case = Case.load(cached[0])
+    assert case.image.shape == case.lung.shape == case.lesion.shape == (24, 256, 256)
+    assert case.lung.any() and case.lesion.any() and case.label == 1
+    # Longer run: resumes after the finished epoch instead of starting again.
+    second = _train(out, cache, "--manifest", str(manifest), "--lung-epochs", "2",
+                    "--dcn-epochs", "1")
+    assert second.returncode == 0, second.stderr
+    log = (out / "train-lite.log").read_text()
+    assert "lung: resuming after epoch 1" in log and "lung epoch 2/2" in log
+    assert "lung epoch 1/2" not in log
+    manifest_json = json.loads((out / "lite-manifest.json").read_text())
+    assert set(manifest_json["files"]) == {"lung", "dcn", "spm"}
+    for entry in manifest_json["files"].values():
+        state = torch.load(out / entry["file"], weights_only=True)
+        assert isinstance(state, dict) and state
