@@ -190,29 +190,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarize(volume, result) -> dict:  # type: ignore[no-untyped-def]
-    """The summary.json of ``dcn-node analyze`` (names relied on by outside scripts)."""
-    voxel_ml = volume.voxel_volume_ml
-    lung_ml = float(result.lung.sum() * voxel_ml)
-    lesion_ml = float(result.lesion.sum() * voxel_ml)
-    return {
-        "series_instance_uid": volume.series_instance_uid,
-        "study_instance_uid": volume.study_instance_uid,
-        "probability": round(result.probability, 6),
-        "positive": bool(result.positive),
-        "lesion_volume_ml": round(lesion_ml, 2),
-        "lung_volume_ml": round(lung_ml, 2),
-        "involvement_percent": round(100.0 * lesion_ml / lung_ml, 3) if lung_ml else 0.0,
-        "slices": int(volume.hu.shape[0]),
-        "seconds": round(result.seconds, 3),
-        "model_version": result.model_version,
-        "note": "research use only, not for diagnostic use",
-    }
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    from dcn_node.inference.analysis import write_analysis
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
     from dcn_node.volume import load_dicom_folder
 
@@ -220,79 +199,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     engine = Engine(args.models or DEFAULT_MODELS_DIR, settings.inference.profile,
                     settings.inference.device)
     volume = load_dicom_folder(args.dicom_dir)
-    result = engine.analyze(volume)
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(volume, result)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    np.savez_compressed(
-        args.out / "masks.npz",
-        lesion=result.lesion,
-        lung=result.lung,
-        sop_instance_uids=np.array(volume.sop_instance_uids),
-    )
+    summary = write_analysis(args.out, volume, engine.analyze(volume))
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
-    from dcn_node.phantom import generate_phantom
-    from dcn_node.training.evaluation import (
-        Classification,
-        PixelCounts,
-        classification_table,
-        save_roc_png,
-        segmentation_table,
-    )
-    from dcn_node.volume import load_dicom_folder
+    from dcn_node.training.evaluation import evaluate_on_phantoms
 
     configure_logging("INFO")
     engine = Engine(args.models or DEFAULT_MODELS_DIR, args.profile, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    lung, lesion = PixelCounts(), PixelCounts()
-    slice_level, individual = Classification(), Classification()
-    rows = []
-    for index in range(args.cases):
-        seed = EVAL_SEED_BASE + args.seed + index
-        normal = index % 2 == 1
-        thickness = (5.0, 1.0)[(index // 2) % 2]
-        case_dir = args.out / "cases" / f"{seed}"
-        case = generate_phantom(case_dir, seed, thickness_mm=thickness, normal=normal)
-        truth = np.load(case.ground_truth_path)
-        volume = load_dicom_folder(case.series_dir)
-        if list(truth["sop_instance_uids"]) != volume.sop_instance_uids:
-            raise SystemExit(f"slice order of case {seed} differs from its ground truth")
-        result = engine.analyze(volume)
-        lung.add(result.lung, truth["lung"])
-        if case.label:
-            lesion.add(result.lesion, truth["lesion"])
-        has_lung = truth["lung"].reshape(len(truth["lung"]), -1).any(1)
-        has_lesion = truth["lesion"].reshape(len(truth["lesion"]), -1).any(1)
-        for s in np.flatnonzero(has_lung):
-            slice_level.add(int(has_lesion[s]), float(result.slice_probabilities[s]))
-        individual.add(case.label, result.probability)
-        rows.append({"seed": seed, "label": case.label, "thickness_mm": thickness,
-                     "slices": case.slices, "probability": result.probability,
-                     "seconds": result.seconds})
-        LOGGER.info("case %d (%s, %g mm, %d slices): p=%.3f in %.1f s", seed,
-                    "lesions" if case.label else "normal", thickness, case.slices,
-                    result.probability, result.seconds)
-        if not args.keep_cases:
-            import shutil
-
-            shutil.rmtree(case_dir)
-    report = "\n\n".join([
-        f"Held-out phantoms: {args.cases} cases, seeds {EVAL_SEED_BASE + args.seed}.."
-        f"{EVAL_SEED_BASE + args.seed + args.cases - 1}; model {engine.model_version}",
-        segmentation_table(lung, lesion),
-        classification_table(slice_level, individual),
-    ])
+    report = evaluate_on_phantoms(engine, args.out, args.cases, EVAL_SEED_BASE + args.seed,
+                                  keep_cases=args.keep_cases)
     print(report)
-    (args.out / "report.txt").write_text(report + "\n")
-    (args.out / "cases.json").write_text(json.dumps(rows, indent=2) + "\n")
-    save_roc_png(args.out / "roc.png", {"slice": slice_level, "individual": individual})
     return 0
 
 

@@ -76,6 +76,14 @@ class InstanceHeader:
     images_in_acquisition: int | None
     number_of_frames: int
 
+    @property
+    def announced_frames(self) -> int | None:
+        """The frame count the data announces for its series: ImagesInAcquisition, or the
+        NumberOfFrames of a multi-frame instance (which is a whole series in itself)."""
+        if self.images_in_acquisition:
+            return self.images_in_acquisition
+        return self.number_of_frames if self.number_of_frames > 1 else None
+
 
 def _stop_at_pixels(tag: Any, vr: Any, length: int) -> bool:
     return int(tag) >= 0x7FE00010
@@ -135,7 +143,7 @@ class _Values:
         return int(elem.value)
 
 
-def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+def first_item(ds: Dataset, keyword: str) -> Dataset | None:
     seq = ds.get(keyword)
     return seq[0] if seq else None
 
@@ -153,22 +161,22 @@ def _frame_geometry(
     ds: Dataset,
 ) -> tuple[tuple[tuple[float, float, float], ...], Any, Any, Any]:
     """Positions, orientation, pixel spacing, thickness of a multi-frame instance."""
-    shared = _first_item(ds, "SharedFunctionalGroupsSequence") or Dataset()
+    shared = first_item(ds, "SharedFunctionalGroupsSequence") or Dataset()
     orientation = spacing = thickness = None
-    if (plane := _first_item(shared, "PlaneOrientationSequence")) is not None:
+    if (plane := first_item(shared, "PlaneOrientationSequence")) is not None:
         orientation = plane.get("ImageOrientationPatient")
-    if (measures := _first_item(shared, "PixelMeasuresSequence")) is not None:
+    if (measures := first_item(shared, "PixelMeasuresSequence")) is not None:
         spacing = measures.get("PixelSpacing")
         thickness = measures.get("SliceThickness")
     positions = []
     for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
-        if (pos := _first_item(frame, "PlanePositionSequence")) is not None:
+        if (pos := first_item(frame, "PlanePositionSequence")) is not None:
             xyz = _floats(pos.get("ImagePositionPatient"), 3)
             if xyz is not None:
                 positions.append(xyz)
-        if orientation is None and (plane := _first_item(frame, "PlaneOrientationSequence")):
+        if orientation is None and (plane := first_item(frame, "PlaneOrientationSequence")):
             orientation = plane.get("ImageOrientationPatient")
-        if spacing is None and (measures := _first_item(frame, "PixelMeasuresSequence")):
+        if spacing is None and (measures := first_item(frame, "PixelMeasuresSequence")):
             spacing = measures.get("PixelSpacing")
             thickness = measures.get("SliceThickness")
     return (
@@ -263,10 +271,12 @@ def read_header(
     return header_from_dataset(ds)
 
 
-def read_header_from_file(path: Path) -> InstanceHeader:
-    """Parse the header of a DICOM Part 10 file (used when re-indexing the spool)."""
+def read_header_from_file(path: Path) -> tuple[InstanceHeader, str]:
+    """Parse the header of a DICOM Part 10 file and its transfer syntax, in one read
+    (used when re-indexing the spool)."""
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
     except Exception as exc:
         raise InvalidInstanceError(f"file cannot be parsed: {type(exc).__name__}: {exc}") from exc
-    return header_from_dataset(ds)
+    return header_from_dataset(ds), transfer_syntax

@@ -58,13 +58,9 @@ def _frames(instances: list[StoredInstance]) -> list[tuple[float, float, float]]
 
 
 def _expected_count(instances: list[StoredInstance]) -> int | None:
-    """The number of frames the data announces, when it does consistently."""
-    if len(instances) == 1 and instances[0].header.number_of_frames > 1:
-        return instances[0].header.number_of_frames
-    announced = {i.header.images_in_acquisition for i in instances}
-    if len(announced) == 1 and (count := announced.pop()):
-        return count
-    return None
+    """The number of frames the data announces, when every instance announces the same."""
+    announced = {i.header.announced_frames for i in instances}
+    return announced.pop() if len(announced) == 1 else None
 
 
 def _offsets_along_normal(instances: list[StoredInstance]) -> np.ndarray | None:

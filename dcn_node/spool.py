@@ -171,7 +171,6 @@ class Spool:
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self.instances_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._known_dirs: set[Path] = set()
         self._db = sqlite3.connect(
             self.root / "index.sqlite3", check_same_thread=False, isolation_level=None
         )
@@ -212,23 +211,14 @@ class Spool:
         temp = self.incoming_dir / f"{path.name}.{threading.get_ident()}.tmp"
         size = 0
         try:
-            if folder not in self._known_dirs:
-                folder.mkdir(parents=True, exist_ok=True)
-                self._known_dirs.add(folder)
+            folder.mkdir(parents=True, exist_ok=True)
             with open(temp, "wb") as handle:
                 for part in parts:
                     size += handle.write(part)
                 if self.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
-            try:
-                os.replace(temp, path)
-            except FileNotFoundError:
-                # The series folder was removed since we cached it (housekeeping): redo it.
-                self._known_dirs.discard(folder)
-                folder.mkdir(parents=True, exist_ok=True)
-                os.replace(temp, path)
-                self._known_dirs.add(folder)
+            os.replace(temp, path)
             if self.fsync:
                 dir_fd = os.open(folder, os.O_RDONLY)
                 try:
@@ -286,9 +276,6 @@ class Spool:
         received_at: float,
         calling_ae_title: str,
     ) -> None:
-        announced = header.images_in_acquisition or (
-            header.number_of_frames if header.number_of_frames > 1 else None
-        )
         db.execute(
             "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT(sop_instance_uid) DO UPDATE SET "
@@ -311,7 +298,7 @@ class Spool:
                 calling_ae_title,
                 _header_to_json(header),
                 header.number_of_frames,
-                announced,
+                header.announced_frames,
             ),
         )
 
@@ -373,11 +360,11 @@ class Spool:
         orphans = [p for p in self.instances_dir.glob("*/*/*.dcm") if str(p) not in known]
         for path in orphans:
             try:
-                header = read_header_from_file(path)
+                header, transfer_syntax = read_header_from_file(path)
             except InvalidInstanceError as exc:
                 LOGGER.warning("Spool file %s cannot be indexed (%s); left in place", path, exc)
                 continue
-            self._index_existing(path, header)
+            self._index_existing(path, header, transfer_syntax)
             LOGGER.info("Indexed spool file %s written before a crash", path.name)
         now = time.time()
         with self._transaction() as db:
@@ -391,21 +378,17 @@ class Spool:
             db.execute("UPDATE jobs SET state='queued' WHERE state='processing'")
             db.execute("UPDATE series SET state='queued' WHERE state='processing'")
 
-    def _index_existing(self, path: Path, header: InstanceHeader) -> None:
-        from pydicom import dcmread
-
-        transfer_syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-        now = path.stat().st_mtime
+    def _index_existing(self, path: Path, header: InstanceHeader, transfer_syntax: str) -> None:
+        stat = path.stat()
         with self._transaction() as db:
             self._upsert_instance(
-                db, header, path, path.stat().st_size, transfer_syntax, now, ""
+                db, header, path, stat.st_size, transfer_syntax, stat.st_mtime, ""
             )
-            self._touch_series(db, header.study_instance_uid, header.series_instance_uid, now)
+            self._touch_series(
+                db, header.study_instance_uid, header.series_instance_uid, stat.st_mtime
+            )
 
     # -- series ------------------------------------------------------------------------
-
-    def _series_from_row(self, row: tuple) -> SeriesRecord:
-        return SeriesRecord(*row)
 
     _SERIES_SELECT = (
         "SELECT s.study_instance_uid, s.series_instance_uid, s.state, s.reason, "
@@ -427,7 +410,7 @@ class Spool:
             query, args = query + " WHERE s.state = ?", (state,)
         with self._lock:
             rows = self._db.execute(query + " ORDER BY s.first_received_at", args).fetchall()
-        return [self._series_from_row(r) for r in rows]
+        return [SeriesRecord(*r) for r in rows]
 
     def get_series(self, study: str, series: str) -> SeriesRecord | None:
         with self._lock:
@@ -436,7 +419,7 @@ class Spool:
                 + " WHERE s.study_instance_uid = ? AND s.series_instance_uid = ?",
                 (study, series),
             ).fetchone()
-        return self._series_from_row(row) if row else None
+        return SeriesRecord(*row) if row else None
 
     def series_instances(self, study: str, series: str) -> list[StoredInstance]:
         with self._lock:

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
 
 from dcn_node.errors import InvalidInstanceError
-from dcn_node.header import header_from_dataset
+from dcn_node.header import first_item, header_from_dataset
 
 AIR_HU = -1024.0
 
@@ -53,12 +54,15 @@ class Volume:
 
 
 def _to_hu(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if "PixelValueTransformationSequence" in ds.get("SharedFunctionalGroupsSequence", [{}])[0]:
-        item = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
-        slope, intercept = float(item.RescaleSlope), float(item.RescaleIntercept)
-    hu = pixels.astype(np.float32) * slope + intercept
+    """Stored values -> HU with pydicom's modality LUT (Rescale Slope/Intercept or a
+    Modality LUT Sequence); Enhanced CT keeps its rescale in the functional groups."""
+    shared = first_item(ds, "SharedFunctionalGroupsSequence")
+    transform = first_item(shared, "PixelValueTransformationSequence") if shared else None
+    if transform is not None:
+        hu = pixels * float(transform.RescaleSlope) + float(transform.RescaleIntercept)
+    else:
+        hu = apply_modality_lut(pixels, ds)
+    hu = hu.astype(np.float32)
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         hu[pixels == padding] = AIR_HU

@@ -8,13 +8,10 @@ Results of each run are kept in the spool (``results/<series>/<generation>/``) a
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 from dcn_node.spool import Job, Spool
 
@@ -78,7 +75,7 @@ class ModelWorker:
 
     def process(self, job: Job) -> None:
         """Run one job to done or failed."""
-        from dcn_node.cli import summarize
+        from dcn_node.inference.analysis import write_analysis
         from dcn_node.volume import load_series
 
         LOGGER.info("Analyzing series %s (generation %d)", job.series_instance_uid,
@@ -91,11 +88,7 @@ class ModelWorker:
             volume = load_series([i.path for i in instances])
             result = self._engine.analyze(volume)  # type: ignore[attr-defined]
             out_dir = self.spool.results_dir(job)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            summary = summarize(volume, result)
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            np.savez_compressed(out_dir / "masks.npz", lesion=result.lesion, lung=result.lung,
-                                sop_instance_uids=np.array(volume.sop_instance_uids))
+            summary = write_analysis(out_dir, volume, result)
             if self._on_result is not None:
                 self._on_result(job, volume, result, out_dir)
         except Exception as exc:  # any failure fails this job only; the reason is kept

@@ -10,9 +10,10 @@ Slices where the U-Net finds no lung skip the DCN. The same input gives the same
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +23,20 @@ import torch
 from dcn_node.errors import DcnNodeError
 from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
 from dcn_node.inference.transforms import probabilities_to_shape, resize_images, window
+from dcn_node.inference.weights import (
+    NETWORKS,
+    ModelIntegrityError,
+    load_checked_state,
+    load_manifest,
+)
 from dcn_node.volume import Volume
+
+__all__ = ["AnalysisResult", "Engine", "ModelIntegrityError", "run_lung_then_dcn"]
 
 LOGGER = logging.getLogger(__name__)
 
 #: Shipped weights: models/ at the project root.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-
-
-class ModelIntegrityError(DcnNodeError):
-    """A weights file is missing or its SHA-256 differs from its manifest."""
 
 
 @dataclass
@@ -59,16 +64,61 @@ def select_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+@functools.cache
 def cpu_supports_bfloat16() -> bool:
     """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
-    return _has_cpu_flag("avx512_bf16") or _has_cpu_flag("amx_bf16")
-
-
-def _has_cpu_flag(flag: str) -> bool:
     try:
-        return flag in Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class LungDcnOutput:
+    """The lung U-Net and DCN outputs at the model's input size, for all N slices."""
+
+    lung_probability: torch.Tensor  # (N, S, S)
+    #: Indices of the slices with lung: the only ones the DCN ran on.
+    lung_slices: torch.Tensor
+    slice_probability: torch.Tensor  # (N,), 0 where skipped
+    lesion_probability: torch.Tensor  # (N, S, S), 0 where skipped
+    attention: list[torch.Tensor]  # four (N, h_k, w_k), 0 where skipped
+
+
+def run_lung_then_dcn(
+    lung_model: UNet,
+    dcn: DCN,
+    image: torch.Tensor,
+    *,
+    batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    threshold: float = 0.5,
+) -> LungDcnOutput:
+    """Sections 2.2-2.3 on windowed slices ``image`` (N, S, S): the lung U-Net on every
+    slice, then the DCN on the lung-masked slices that have lung. Used by the engine and
+    by training (slice probabilities for the SPM)."""
+    slices, size = image.shape[0], image.shape[-1]
+    lung_prob = torch.empty((slices, size, size))
+    for start in range(0, slices, batch_size):
+        with context():
+            logits = lung_model(prepare(image[start:start + batch_size, None]))
+        lung_prob[start:start + len(logits)] = torch.sigmoid(logits.float())[:, 0].cpu()
+    lung = lung_prob >= threshold
+    keep = torch.nonzero(lung.flatten(1).any(1)).flatten()
+    slice_prob = torch.zeros(slices)
+    lesion_prob = torch.zeros((slices, size, size))
+    attention = [torch.zeros((slices, side, side)) for side in dcn.attention_sizes(size)]
+    for start in range(0, len(keep), batch_size):
+        index = keep[start:start + batch_size]
+        with context():
+            out = dcn(prepare((image[index] * lung[index])[:, None]))
+        slice_prob[index] = torch.sigmoid(out.classification.float()).cpu()
+        lesion_prob[index] = torch.sigmoid(out.segmentation.float())[:, 0].cpu()
+        for k, alpha in enumerate(out.attention):
+            attention[k][index] = alpha.float()[:, 0].cpu()
+    return LungDcnOutput(lung_prob, keep, slice_prob, lesion_prob, attention)
 
 
 class Engine:
@@ -100,43 +150,27 @@ class Engine:
         self.device = select_device(device)
         self.batch_size = batch_size
         self.threshold = threshold
-        manifest_path = Path(models_dir) / f"{profile}-manifest.json"
-        if not manifest_path.exists():
-            raise ModelIntegrityError(f"no model manifest {manifest_path}")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = load_manifest(Path(models_dir), profile)
         self.model_version = str(self.manifest["model_version"])
         self.lung_model = UNet(1, self.profile.unet_width)
         self.dcn = DCN(self.profile)
         self.spm = SliceProbabilityMapping()
-        for name, model in (("lung", self.lung_model), ("dcn", self.dcn), ("spm", self.spm)):
-            model.load_state_dict(self._load_checked(Path(models_dir), name))
+        for name, model in zip(NETWORKS, (self.lung_model, self.dcn, self.spm), strict=True):
+            model.load_state_dict(load_checked_state(Path(models_dir), self.manifest, name))
             model.to(self.device).eval()
-        if self.device.type == "cpu":
-            self.autocast_dtype = torch.bfloat16 if cpu_supports_bfloat16() else None
-        else:
-            self.autocast_dtype = torch.float16
         self.optimized = optimized
-        self.channels_last = optimized
-        if not optimized:
-            self.autocast_dtype = None
-        if self.channels_last:
+        self.autocast_dtype: torch.dtype | None = None
+        if optimized:
             self.lung_model.to(memory_format=torch.channels_last)
             self.dcn.to(memory_format=torch.channels_last)
+            if self.device.type != "cpu":
+                self.autocast_dtype = torch.float16
+            elif cpu_supports_bfloat16():
+                self.autocast_dtype = torch.bfloat16
         LOGGER.info(
             "Model %s (%s) on %s, %s", self.model_version, profile, self.device,
             f"autocast {self.autocast_dtype}" if self.autocast_dtype else "float32",
         )
-
-    def _load_checked(self, models_dir: Path, name: str) -> dict[str, torch.Tensor]:
-        from dcn_node.training.trainer import sha256_of
-
-        entry = self.manifest["files"][name]
-        path = models_dir / entry["file"]
-        if not path.exists():
-            raise ModelIntegrityError(f"weights file {path} missing")
-        if sha256_of(path) != entry["sha256"]:
-            raise ModelIntegrityError(f"{path.name}: SHA-256 differs from the manifest")
-        return torch.load(path, map_location="cpu", weights_only=True)
 
     def _context(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -145,8 +179,7 @@ class Engine:
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
-        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last \
-            else batch
+        return batch.contiguous(memory_format=torch.channels_last) if self.optimized else batch
 
     @torch.inference_mode()
     def analyze(self, volume: Volume) -> AnalysisResult:
@@ -157,44 +190,28 @@ class Engine:
         image = resize_images(torch.from_numpy(window(volume.hu)), size)  # (n, S, S)
 
         mark = time.perf_counter()
-        lung_prob = torch.empty((slices, size, size))
-        for start in range(0, slices, self.batch_size):
-            batch = self._prepare(image[start:start + self.batch_size, None])
-            with self._context():
-                logits = self.lung_model(batch)
-            lung_prob[start:start + len(batch)] = torch.sigmoid(logits.float())[:, 0].cpu()
-        lung_small = lung_prob >= self.threshold
-        timings["lung"] = time.perf_counter() - mark
+        out = run_lung_then_dcn(
+            self.lung_model, self.dcn, image, batch_size=self.batch_size,
+            prepare=self._prepare, context=self._context, threshold=self.threshold,
+        )
+        timings["lung+dcn"] = time.perf_counter() - mark
 
-        mark = time.perf_counter()
-        keep = torch.nonzero(lung_small.flatten(1).any(1)).flatten()
-        slice_prob = torch.zeros(slices)
-        lesion_prob = torch.zeros((slices, size, size))
-        attention = [torch.zeros((slices, size // s, size // s)) for s in (4, 4, 8, 16)]
-        for start in range(0, len(keep), self.batch_size):
-            index = keep[start:start + self.batch_size]
-            masked = image[index] * lung_small[index]
-            with self._context():
-                out = self.dcn(self._prepare(masked[:, None]))
-            slice_prob[index] = torch.sigmoid(out.classification.float()).cpu()
-            lesion_prob[index] = torch.sigmoid(out.segmentation.float())[:, 0].cpu()
-            for k, alpha in enumerate(out.attention):
-                attention[k][index] = alpha.float()[:, 0].cpu()
-        timings["dcn"] = time.perf_counter() - mark
-
-        kept = slice_prob[keep] if len(keep) else torch.zeros(1)
+        kept = out.slice_probability[out.lung_slices] if len(out.lung_slices) \
+            else torch.zeros(1)
         logit = self.spm(kept.to(self.device))
         probability = float(torch.sigmoid(logit.float()).item())
 
         mark = time.perf_counter()
-        lung = probabilities_to_shape(lung_prob, (rows, columns)) >= self.threshold
-        lesion = (probabilities_to_shape(lesion_prob, (rows, columns)) >= self.threshold) & lung
+        lung = probabilities_to_shape(out.lung_probability, (rows, columns)) >= self.threshold
+        lesion = (
+            probabilities_to_shape(out.lesion_probability, (rows, columns)) >= self.threshold
+        ) & lung
         timings["resize"] = time.perf_counter() - mark
         return AnalysisResult(
             lung=lung.numpy(),
             lesion=lesion.numpy(),
-            slice_probabilities=slice_prob.numpy(),
-            attention=[a.numpy() for a in attention],
+            slice_probabilities=out.slice_probability.numpy(),
+            attention=[a.numpy() for a in out.attention],
             probability=probability,
             positive=probability >= self.threshold,
             model_version=self.model_version,

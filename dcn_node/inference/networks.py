@@ -233,6 +233,13 @@ class DCN(nn.Module):
             self.stages.append(nn.Sequential(*layers))
         self.classifier = nn.Linear(in_c, 1)
 
+    #: Downsampling of each ResNet stage's input (stem /4; stages 2-4 stride 2 each).
+    _STAGE_INPUT_STRIDE = (4, 4, 8, 16)
+
+    def attention_sizes(self, input_size: int) -> list[int]:
+        """Side length of the four attention maps for a square input of ``input_size``."""
+        return [-(-input_size // stride) for stride in self._STAGE_INPUT_STRIDE]
+
     def forward(self, x: Tensor) -> DCNOutput:
         lesion_logits, features = self.segmentation.forward_features(x)
         c = self.stem(x)

@@ -13,12 +13,12 @@ Adam, lr 1e-3, decayed x0.95 per epoch, fixed seeds.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from dcn_node.errors import DcnNodeError
+from dcn_node.inference.engine import run_lung_then_dcn
 from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
 from dcn_node.inference.networks import resample_slice_probabilities as resample
+from dcn_node.inference.weights import save_weights
 from dcn_node.training.cases import Case
 from dcn_node.training.losses import dcn_loss, dice_loss
+
+__all__ = ["TrainSettings", "Trainer", "save_weights"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -60,12 +64,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _batches(items, size: int) -> list:  # type: ignore[no-untyped-def]
+    """Consecutive batches of ``size`` (a short last batch is dropped, as before; at least
+    one batch)."""
+    steps = max(1, len(items) // size)
+    return [items[i * size:(i + 1) * size] for i in range(steps)]
 
 
 class _Progress:
@@ -160,45 +163,62 @@ class Trainer:
             "lesion": torch.from_numpy(np.stack(lesions)[:, None].copy()).to(**to),
         }
 
+    def _fit(
+        self,
+        stage: str,
+        model: torch.nn.Module,
+        epochs: int,
+        batches: Callable[[], list[Callable[[], dict[str, torch.Tensor]]]],
+    ) -> torch.nn.Module:
+        """The loop every stage shares: Adam with x``lr_decay`` per epoch, resume from the
+        stage's checkpoint, one checkpoint per finished epoch. ``batches`` draws an epoch's
+        batches, each a callable computing its losses (the total under ``loss``)."""
+        optimizer, scheduler = self._optimizer(model)
+        start = self._resume(stage, model, optimizer, scheduler)
+        for epoch in range(start + 1, epochs + 1):
+            model.train()
+            epoch_batches = list(batches())
+            progress = _Progress(stage, epoch, epochs, len(epoch_batches))
+            for step, compute in enumerate(epoch_batches):
+                losses = compute()
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                optimizer.step()
+                progress.step(step, **{k: v.item() for k, v in losses.items()})
+            scheduler.step()
+            self._checkpoint(stage, epoch, model, optimizer, scheduler)
+        return model.eval()
+
     # -- stage 1: lung U-Net -------------------------------------------------------------
 
     def train_lung(self) -> UNet:
         settings = self.settings
         model = UNet(1, self.profile.unet_width).to(self.device)
-        optimizer, scheduler = self._optimizer(model)
-        start = self._resume("lung", model, optimizer, scheduler)
         pool = [(c, s) for c, case in enumerate(self.cases) if case.lung is not None
                 for s in range(len(case.image))]
         if not pool:
             raise DcnNodeError("no training case has a lung mask: the lung U-Net and the DCN "
                                "need lung masks (manifest column lung_mask)")
         per_epoch = settings.lung_slices_per_epoch or len(pool)
-        for epoch in range(start + 1, settings.lung_epochs + 1):
-            model.train()
+
+        def step(refs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+            batch = self._batch(refs, False)
+            with self._autocast():
+                logits = model(batch["image"])
+            return {"loss": dice_loss(logits, batch["lung"])}
+
+        def epoch() -> list[Callable[[], dict[str, torch.Tensor]]]:
             chosen = random.sample(pool, min(per_epoch, len(pool)))
-            steps = max(1, len(chosen) // settings.lung_batch)
-            progress = _Progress("lung", epoch, settings.lung_epochs, steps)
-            for step in range(steps):
-                batch = self._batch(chosen[step * settings.lung_batch:
-                                           (step + 1) * settings.lung_batch], False)
-                with self._autocast():
-                    logits = model(batch["image"])
-                loss = dice_loss(logits, batch["lung"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                progress.step(step, dice_loss=loss.item())
-            scheduler.step()
-            self._checkpoint("lung", epoch, model, optimizer, scheduler)
-        return model.eval()
+            return [functools.partial(step, part) for part in _batches(chosen,
+                                                                        settings.lung_batch)]
+
+        return self._fit("lung", model, settings.lung_epochs, epoch)
 
     # -- stage 2: DCN ------------------------------------------------------------------
 
     def train_dcn(self) -> DCN:
         settings = self.settings
         model = DCN(self.profile).to(self.device)
-        optimizer, scheduler = self._optimizer(model)
-        start = self._resume("dcn", model, optimizer, scheduler)
         positives, negatives = [], []
         for c, case in enumerate(self.cases):
             if case.lung is None:
@@ -212,48 +232,39 @@ class Trainer:
                 (positives if has_lesion[s] else negatives).append((c, int(s)))
         LOGGER.info("dcn: %d lesion slices, %d lesion-free lung slices", len(positives),
                     len(negatives))
-        for epoch in range(start + 1, settings.dcn_epochs + 1):
-            model.train()
+
+        def step(part: list[tuple[tuple[int, int], int]]) -> dict[str, torch.Tensor]:
+            batch = self._batch([r for r, _ in part], True)
+            label = torch.tensor([lab for _, lab in part], dtype=torch.float32,
+                                 device=self.device)
+            with self._autocast():
+                out = model(batch["image"])
+            loss, seg, cls = dcn_loss(out.segmentation, batch["lesion"], out.classification,
+                                      label, weight=label)
+            return {"loss": loss, "seg": seg, "cls": cls}
+
+        def epoch() -> list[Callable[[], dict[str, torch.Tensor]]]:
             cap = settings.dcn_positives_per_epoch or len(positives)
             pos = random.sample(positives, min(cap, len(positives)))
             neg = random.sample(negatives, min(len(pos), len(negatives)))  # re-drawn each epoch
             chosen = [(r, 1) for r in pos] + [(r, 0) for r in neg]
             random.shuffle(chosen)
-            steps = max(1, len(chosen) // settings.dcn_batch)
-            progress = _Progress("dcn", epoch, settings.dcn_epochs, steps)
-            for step in range(steps):
-                part = chosen[step * settings.dcn_batch:(step + 1) * settings.dcn_batch]
-                batch = self._batch([r for r, _ in part], True)
-                label = torch.tensor([lab for _, lab in part], dtype=torch.float32,
-                                     device=self.device)
-                with self._autocast():
-                    out = model(batch["image"])
-                loss, seg, cls = dcn_loss(out.segmentation, batch["lesion"], out.classification,
-                                          label, weight=label)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                progress.step(step, loss=loss.item(), seg=seg.item(), cls=cls.item())
-            scheduler.step()
-            self._checkpoint("dcn", epoch, model, optimizer, scheduler)
-        return model.eval()
+            return [functools.partial(step, part) for part in _batches(chosen,
+                                                                        settings.dcn_batch)]
+
+        return self._fit("dcn", model, settings.dcn_epochs, epoch)
 
     # -- stage 3: slice probability mapping -------------------------------------------
 
     @torch.no_grad()
     def slice_probabilities(self, lung_model: UNet, dcn: DCN, case: Case) -> torch.Tensor:
         """DCN slice probabilities over the slices the lung U-Net finds lung on."""
-        probabilities = []
-        for start in range(0, len(case.image), 32):
-            image = torch.from_numpy(case.image[start:start + 32].astype(np.float32))[:, None]
-            image = image.to(self.device)
-            with self._autocast():
-                lung = torch.sigmoid(lung_model(image).float()) >= 0.5
-                keep = lung.flatten(1).sum(1) > 0
-                if keep.any():
-                    out = dcn((image * lung)[keep])
-                    probabilities.append(torch.sigmoid(out.classification.float()))
-        return torch.cat(probabilities) if probabilities else torch.zeros(1)
+        image = torch.from_numpy(case.image.astype(np.float32))
+        out = run_lung_then_dcn(lung_model, dcn, image, batch_size=32,
+                                prepare=lambda batch: batch.to(self.device),
+                                context=self._autocast)
+        kept = out.slice_probability[out.lung_slices]
+        return kept if len(kept) else torch.zeros(1)
 
     def train_spm(self, lung_model: UNet, dcn: DCN) -> SliceProbabilityMapping:
         settings = self.settings
@@ -262,29 +273,22 @@ class Trainer:
             probabilities = self.slice_probabilities(lung_model, dcn, case).cpu()
             # Also every 2nd and 3rd slice: the same patient at thicker slices, so the
             # mapping sees the slice-count variation it must be robust to (2.4).
-            for step in (1, 2, 3):
-                curves.append(resample(probabilities[::step]))
+            for stride in (1, 2, 3):
+                curves.append(resample(probabilities[::stride]))
                 labels.append(float(case.label))
         x, y = torch.stack(curves), torch.tensor(labels)
         model = SliceProbabilityMapping().to(self.device)
-        optimizer, scheduler = self._optimizer(model)
-        start = self._resume("spm", model, optimizer, scheduler)
-        for epoch in range(start + 1, settings.spm_epochs + 1):
-            model.train()
+
+        def step(index: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = model(x[index].to(self.device))
+            return {"loss": F.binary_cross_entropy_with_logits(logits, y[index].to(self.device))}
+
+        def epoch() -> list[Callable[[], dict[str, torch.Tensor]]]:
             order = torch.randperm(len(x))
-            steps = max(1, len(x) // settings.spm_batch)
-            progress = _Progress("spm", epoch, settings.spm_epochs, steps)
-            for step in range(steps):
-                index = order[step * settings.spm_batch:(step + 1) * settings.spm_batch]
-                logits = model(x[index].to(self.device))
-                loss = F.binary_cross_entropy_with_logits(logits, y[index].to(self.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                progress.step(step, bce=loss.item())
-            scheduler.step()
-            self._checkpoint("spm", epoch, model, optimizer, scheduler)
-        return model.eval()
+            return [functools.partial(step, part) for part in _batches(order,
+                                                                        settings.spm_batch)]
+
+        return self._fit("spm", model, settings.spm_epochs, epoch)
 
     # -- all ---------------------------------------------------------------------------
 
@@ -297,27 +301,3 @@ class Trainer:
         dcn = self.train_dcn()
         spm = self.train_spm(lung, dcn)
         return save_weights(self.out_dir, self.settings, lung, dcn, spm)
-
-
-def save_weights(out_dir: Path, settings: TrainSettings, lung: UNet, dcn: DCN,
-                 spm: SliceProbabilityMapping) -> Path:
-    """Write ``<profile>-{lung,dcn,spm}.pt`` (state dicts only, loadable with
-    ``weights_only=True``) and ``<profile>-manifest.json`` with their SHA-256."""
-    from dcn_node import __version__
-
-    files = {}
-    for name, model in (("lung", lung), ("dcn", dcn), ("spm", spm)):
-        path = out_dir / f"{settings.profile}-{name}.pt"
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        torch.save(state, path)
-        files[name] = {"file": path.name, "sha256": sha256_of(path)}
-    manifest = out_dir / f"{settings.profile}-manifest.json"
-    manifest.write_text(json.dumps({
-        "model_version": f"{settings.profile}-{time.strftime('%Y%m%d')}",
-        "software_version": __version__,
-        "profile": asdict(PROFILES[settings.profile]),
-        "training": asdict(settings),
-        "files": files,
-    }, indent=2) + "\n")
-    LOGGER.info("weights written: %s", ", ".join(f["file"] for f in files.values()))
-    return manifest

@@ -1,0 +1,51 @@
+"""What one analysis leaves on disk: ``summary.json`` and ``masks.npz``.
+
+Written by ``dcn-node analyze`` and by the node's model worker alike; scripts outside the
+project rely on these names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dcn_node.inference.engine import AnalysisResult
+from dcn_node.volume import Volume
+
+
+def summarize(volume: Volume, result: AnalysisResult) -> dict[str, Any]:
+    """The summary of one analysis, volumes in millilitres."""
+    voxel_ml = volume.voxel_volume_ml
+    lung_ml = float(result.lung.sum() * voxel_ml)
+    lesion_ml = float(result.lesion.sum() * voxel_ml)
+    return {
+        "series_instance_uid": volume.series_instance_uid,
+        "study_instance_uid": volume.study_instance_uid,
+        "probability": round(result.probability, 6),
+        "positive": bool(result.positive),
+        "lesion_volume_ml": round(lesion_ml, 2),
+        "lung_volume_ml": round(lung_ml, 2),
+        "involvement_percent": round(100.0 * lesion_ml / lung_ml, 3) if lung_ml else 0.0,
+        "slices": int(volume.hu.shape[0]),
+        "seconds": round(result.seconds, 3),
+        "model_version": result.model_version,
+        "note": "research use only, not for diagnostic use",
+    }
+
+
+def write_analysis(out_dir: Path, volume: Volume, result: AnalysisResult) -> dict[str, Any]:
+    """Write ``summary.json`` and ``masks.npz`` (``lesion``, ``lung`` as (slices, rows,
+    columns) booleans, ``sop_instance_uids`` in the same slice order); returns the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(volume, result)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    np.savez_compressed(
+        out_dir / "masks.npz",
+        lesion=result.lesion,
+        lung=result.lung,
+        sop_instance_uids=np.array(volume.sop_instance_uids),
+    )
+    return summary
