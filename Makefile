@@ -7,7 +7,7 @@ CONFIG ?= config/dcn-node.yaml
 # CPU build of torch; see README "GPU install" for CUDA machines.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages the test suite talks to as real peers.
-TEST_DEBS := dcmtk dicom3tools orthanc prometheus
+TEST_DEBS := dcmtk dicom3tools orthanc orthanc-gdcm prometheus
 
 .PHONY: run test venv test-deps system-deps lint bench clean
 
@@ -29,6 +29,7 @@ system-deps:
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
+	test -e /usr/share/orthanc/plugins/libOrthancGdcm.so || missing="$$missing orthanc-gdcm"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \

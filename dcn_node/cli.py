@@ -60,16 +60,24 @@ def _age(seconds: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from dcn_node.outbox import Outbox
     from dcn_node.spool import Spool
 
     settings = _settings(args)
     spool_dir = settings.storage.spool_dir
+    series, outbox, timelines, dead = [], {}, {}, []
     if not (spool_dir / "index.sqlite3").exists():
         print(f"no spool at {spool_dir.resolve()} yet", file=sys.stderr)
-        series = []
     else:
         spool = Spool(spool_dir)
+        box = Outbox(spool)
         series = spool.list_series()
+        outbox = box.counts()
+        dead = box.deliveries(state="dead")
+        timelines = {
+            s.series_instance_uid: spool.timeline(s.study_instance_uid, s.series_instance_uid)
+            for s in series
+        }
         spool.close()
     if args.json:
         payload = {
@@ -84,9 +92,20 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "first_received_at": s.first_received_at,
                     "last_received_at": s.last_received_at,
                     "completed_at": s.completed_at,
+                    "timeline": [
+                        {"generation": g, "event": e, "at": at, "detail": d}
+                        for g, e, at, d in timelines.get(s.series_instance_uid, [])
+                    ],
                 }
                 for s in series
-            ]
+            ],
+            "outbox": outbox,
+            "dead_letters": [
+                {"destination": d.destination, "kind": d.kind,
+                 "sop_instance_uid": d.sop_instance_uid,
+                 "series_instance_uid": d.series_instance_uid, "reason": d.last_error}
+                for d in dead
+            ],
         }
         print(json.dumps(payload, indent=2))
         return 0
@@ -97,8 +116,40 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{s.series_instance_uid:<64}  {s.state:<10} {s.instances:>5} "
             f"{_age(now - s.last_received_at):>6}  {s.reason or ''}"
         )
+        if args.timeline:
+            events = timelines.get(s.series_instance_uid, [])
+            start = events[0][2] if events else 0.0
+            for _, event, at, detail in events:
+                print(f"    +{at - start:8.2f} s  {event:<18} {detail or ''}")
     if not series:
         print("(no series received)")
+    print()
+    print("OUTBOX (objects per destination)")
+    names = [d.name for d in settings.destinations] + sorted(set(outbox) - {
+        d.name for d in settings.destinations})
+    for name in names:
+        counts = outbox.get(name, {})
+        print(f"  {name:<16} " + "  ".join(
+            f"{state} {counts.get(state, 0)}" for state in ("pending", "sent", "dead",
+                                                            "superseded")))
+    for d in dead[:20]:
+        print(f"  dead: {d.destination} {d.kind} {d.sop_instance_uid}: {d.last_error}")
+    if len(dead) > 20:
+        print(f"  ... {len(dead) - 20} more dead letters (see --json)")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from dcn_node.outbox import Outbox
+    from dcn_node.spool import Spool
+
+    settings = _settings(args)
+    spool = Spool(settings.storage.spool_dir)
+    count = Outbox(spool).retry_dead(args.destination)
+    spool.close()
+    print(f"{count} dead letter(s) re-queued"
+          + (f" for {args.destination}" if args.destination else "")
+          + "; a running node sends them within a few seconds")
     return 0
 
 
@@ -193,13 +244,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from dcn_node.inference.analysis import write_analysis
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
+    from dcn_node.results import build_results
     from dcn_node.volume import load_dicom_folder
 
     settings = _settings(args)
     engine = Engine(args.models or DEFAULT_MODELS_DIR, settings.inference.profile,
                     settings.inference.device)
     volume = load_dicom_folder(args.dicom_dir)
-    summary = write_analysis(args.out, volume, engine.analyze(volume))
+    result = engine.analyze(volume)
+    summary = write_analysis(args.out, volume, result)
+    # The DICOM objects the node would send: OUT/seg/, OUT/sc/, OUT/sr/.
+    paths = build_results(volume, result, settings.results).write(args.out)
+    summary["dicom_objects"] = [str(p.relative_to(args.out)) for p in paths]
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -231,7 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="list received series and their states")
     _add_config_argument(status)
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--timeline", action="store_true",
+                        help="show each series' timeline")
     status.set_defaults(func=cmd_status)
+
+    retry = sub.add_parser("retry", help="re-queue dead letters for delivery")
+    _add_config_argument(retry)
+    retry.add_argument("--destination", help="only this destination (default: all)")
+    retry.set_defaults(func=cmd_retry)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     _add_config_argument(check)

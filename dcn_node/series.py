@@ -9,7 +9,9 @@ DICOM has no "series complete" signal. A series is complete when
 
 A complete series is then validated (CT, axial, one geometry, enough slices, no duplicates,
 no gaps, not a localizer), checked against the selection rules, and queued for the model.
-A late arrival reopens the series (see :mod:`dcn_node.spool`), which then completes again.
+A late arrival reopens the series (see :mod:`dcn_node.spool`), which then completes again
+after the quiet period (the announced count is reached already by the earlier instances, so
+it cannot tell that a re-send is over).
 """
 
 from __future__ import annotations
@@ -208,6 +210,10 @@ class SeriesAssembler:
         decided = []
         for record in self.spool.list_series("receiving"):
             quiet = now - record.quiet_since >= self.completion.quiet_seconds
+            if not quiet and record.generation > 0:
+                # Reopened: the earlier instances already reach the announced count, so
+                # only the quiet period tells when a re-send or late arrivals are over.
+                continue
             if not quiet and record.frames != record.announced_frames:
                 continue  # cheap test from the index; headers are loaded only when it may be done
             instances = self.spool.series_instances(

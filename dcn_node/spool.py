@@ -93,6 +93,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, job_id);
+-- what happened to a series when: received, complete, inference, results, deliveries
+CREATE TABLE IF NOT EXISTS timeline (
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    at REAL NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS timeline_by_series
+    ON timeline (study_instance_uid, series_instance_uid, at);
 """
 
 
@@ -182,6 +193,23 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the index (BEGIN IMMEDIATE ... COMMIT), serialised
+        with every other writer; used by the outbox, which keeps its tables here too."""
+        with self._transaction() as db:
+            yield db
+
+    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Run a read-only query on the index."""
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def apply_schema(self, script: str) -> None:
+        """Create tables another module keeps in the index (idempotent DDL)."""
+        with self._lock:
+            self._db.executescript(script)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -523,6 +551,38 @@ class Spool:
                 (state, reason, now, job.study_instance_uid, job.series_instance_uid,
                  job.generation),
             )
+
+    # -- timeline --------------------------------------------------------------------
+
+    def record_event(
+        self, study: str, series: str, generation: int, event: str,
+        detail: str | None = None, at: float | None = None,
+    ) -> None:
+        """Add one event to a series' timeline (``inference_start``, ``results_sent`` ...)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO timeline (study_instance_uid, series_instance_uid, generation, "
+                "event, at, detail) VALUES (?,?,?,?,?,?)",
+                (study, series, generation, event, time.time() if at is None else at, detail),
+            )
+
+    def timeline(self, study: str, series: str) -> list[tuple[int, str, float, str | None]]:
+        """A series' events as (generation, event, at, detail), oldest first, with the
+        first arrival and completion taken from the series record."""
+        record = self.get_series(study, series)
+        events = [
+            (g, e, a, d)
+            for g, e, a, d in self.query(
+                "SELECT generation, event, at, detail FROM timeline WHERE "
+                "study_instance_uid=? AND series_instance_uid=? ORDER BY at, rowid",
+                (study, series),
+            )
+        ]
+        if record is not None:
+            events.append((0, "first_received", record.first_received_at, None))
+            if record.completed_at is not None:
+                events.append((record.generation, "complete", record.completed_at, None))
+        return sorted(events, key=lambda item: item[2])
 
     def results_dir(self, job: Job) -> Path:
         """Where a job's results are kept: results/<series>/<generation>/."""

@@ -17,7 +17,8 @@ from dcn_node.spool import Job, Spool
 
 LOGGER = logging.getLogger(__name__)
 
-#: Called with the job, the volume and the analysis result once a run succeeded.
+#: Takes over a job after a successful run (job, volume, result, results folder); it
+#: is then responsible for finishing the job (the service passes the result encoder).
 ResultHandler = Callable[[Job, object, object, Path], None]
 
 
@@ -32,7 +33,8 @@ class ModelWorker:
         Builds the inference engine on first use (so a node without weights still
         receives, and its jobs fail with the reason).
     on_result:
-        Optional hook run after a successful analysis (the result-objects stage).
+        Optional next stage after a successful analysis; it finishes the job. Without
+        one, the job is done once ``summary.json`` and ``masks.npz`` are written.
     """
 
     def __init__(
@@ -74,29 +76,34 @@ class ModelWorker:
             self.process(job)
 
     def process(self, job: Job) -> None:
-        """Run one job to done or failed."""
+        """Run one job: analysis, then either done or handed to the encode stage."""
         from dcn_node.inference.analysis import write_analysis
         from dcn_node.volume import load_series
 
         LOGGER.info("Analyzing series %s (generation %d)", job.series_instance_uid,
                     job.generation)
+        study, series = job.study_instance_uid, job.series_instance_uid
         try:
             if self._engine is None:
                 self._engine = self._engine_factory()
-            instances = self.spool.series_instances(job.study_instance_uid,
-                                                    job.series_instance_uid)
+            self.spool.record_event(study, series, job.generation, "inference_start")
+            instances = self.spool.series_instances(study, series)
             volume = load_series([i.path for i in instances])
             result = self._engine.analyze(volume)  # type: ignore[attr-defined]
             out_dir = self.spool.results_dir(job)
             summary = write_analysis(out_dir, volume, result)
-            if self._on_result is not None:
-                self._on_result(job, volume, result, out_dir)
+            self.spool.record_event(study, series, job.generation, "inference_end",
+                                    f"probability {summary['probability']:.3f}")
         except Exception as exc:  # any failure fails this job only; the reason is kept
             reason = f"{type(exc).__name__}: {exc}"[:500]
-            LOGGER.exception("Series %s failed: %s", job.series_instance_uid, reason)
+            LOGGER.exception("Series %s failed: %s", series, reason)
             self.spool.finish_job(job, "failed", reason)
             return
-        self.spool.finish_job(job, "done")
-        LOGGER.info("Series %s done: probability %.3f, %s in %.1f s", job.series_instance_uid,
+        LOGGER.info("Series %s analyzed: probability %.3f, %s in %.1f s", series,
                     summary["probability"], "positive" if summary["positive"] else "negative",
                     summary["seconds"])
+        if self._on_result is None:
+            self.spool.finish_job(job, "done")
+        else:
+            # The encode stage finishes the job once its results are recorded.
+            self._on_result(job, volume, result, out_dir)

@@ -126,3 +126,20 @@ def start_node(spool_dir: Path) -> Iterator[Callable[..., Node]]:
     yield _start
     for node in nodes:
         node.stop(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Lite-profile weights straight from initialisation (seeded): the pipeline runs end
+    to end, deterministically, without depending on the shipped weights."""
+    import torch
+
+    from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
+    from dcn_node.training.trainer import TrainSettings, save_weights
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("models")
+    profile = PROFILES["lite"]
+    save_weights(out, TrainSettings(profile="lite"), UNet(1, profile.unet_width).eval(),
+                 DCN(profile).eval(), SliceProbabilityMapping().eval())
+    return out

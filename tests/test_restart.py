@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -13,75 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage
 
-from tests.conftest import NODE_AET, free_port, send_datasets, test_config, wait_for
+from tests.conftest import NODE_AET, send_datasets, wait_for
 from tests.dicom_factory import ct_series
-
-
-class NodeProcess:
-    """`python -m dcn_node serve` with a config in ``workdir``; logs to a file."""
-
-    def __init__(self, workdir: Path, **sections: dict) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        config = test_config(
-            workdir / "spool", node={"port": self.port}, completion={"quiet_seconds": 2.0},
-            **sections,
-        )
-        self.config_path = workdir / "node.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = workdir / "node.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.log_path, "a")  # noqa: SIM115 - owned by the child process
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dcn_node", "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-        )
-        log.close()
-        wait_for(self._answers_echo, timeout=30, interval=0.2)
-
-    def _answers_echo(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            pytest.fail(f"node exited with {self.process.returncode}: {self.log_path.read_text()}")
-        ae = AE(ae_title="PROBE")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", self.port, ae_title=NODE_AET)
-        if not assoc.is_established:
-            return False
-        assoc.release()
-        return True
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def terminate(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(30)
-
-    def status(self) -> dict:
-        result = subprocess.run(
-            [sys.executable, "-m", "dcn_node", "status", "--json", "--config",
-             str(self.config_path)],
-            cwd=self.workdir, capture_output=True, text=True, check=True, timeout=60,
-        )
-        return json.loads(result.stdout)
-
-    def series_state(self, series_instance_uid: str) -> dict | None:
-        for series in self.status()["series"]:
-            if series["series_instance_uid"] == series_instance_uid:
-                return series
-        return None
+from tests.node_process import NodeProcess
 
 
 @pytest.fixture

@@ -7,25 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dcn_node.inference.engine import Engine, ModelIntegrityError
-from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
 from dcn_node.phantom import generate_phantom
-from dcn_node.training.trainer import TrainSettings, save_weights
 from tests.conftest import send_datasets, wait_for
 from tests.dicom_factory import ct_series
-
-
-@pytest.fixture(scope="module")
-def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Lite-profile weights straight from initialisation: the pipeline runs end to end."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("models")
-    profile = PROFILES["lite"]
-    save_weights(out, TrainSettings(profile="lite"), UNet(1, profile.unet_width).eval(),
-                 DCN(profile).eval(), SliceProbabilityMapping().eval())
-    return out
 
 
 def test_engine_refuses_weights_that_differ_from_the_manifest(untrained_models: Path,

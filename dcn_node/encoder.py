@@ -1,0 +1,120 @@
+"""The encode stage: model output -> SEG, SC and SR files -> the outbox.
+
+Runs on its own thread behind a small bounded queue, so the model worker goes on with the
+next series while the objects of the last one are encoded (and waits when encoding falls
+behind). A job is marked ``done`` only once its result set is recorded in the outbox; if
+the node stops in between, the job is still ``processing`` and runs again after the
+restart (the model is deterministic and the object UIDs are too, so nothing duplicates).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dcn_node.config import Settings
+from dcn_node.outbox import Outbox, ResultObject
+from dcn_node.spool import Job, Spool
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class _Work:
+    job: Job
+    volume: object
+    result: object
+    out_dir: Path
+
+
+class ResultEncoder:
+    """Encodes result objects and records them for delivery.
+
+    Parameters
+    ----------
+    settings:
+        The node configuration (``results`` and ``destinations`` are used).
+    spool, outbox:
+        Durable state.
+    on_recorded:
+        Called after a result set was recorded (the service wakes the senders).
+    """
+
+    def __init__(self, settings: Settings, spool: Spool, outbox: Outbox, *,
+                 on_recorded: Callable[[], None] | None = None, queue_size: int = 2) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.outbox = outbox
+        self._on_recorded = on_recorded
+        self._queue: queue.Queue[_Work | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="result-encoder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued (within ``timeout``) and stop."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            LOGGER.warning("Result encoder still busy at shutdown; its jobs run again later")
+            return
+        self._thread.join(timeout)
+
+    def submit(self, job: Job, volume: object, result: object, out_dir: Path) -> None:
+        """Queue one model output (blocks while the encoder is behind)."""
+        self._queue.put(_Work(job, volume, result, out_dir))
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            self.encode(work.job, work.volume, work.result, work.out_dir)
+
+    def encode(self, job: Job, volume: object, result: object, out_dir: Path) -> None:
+        """Build, write and record one result set; mark the job done or failed."""
+        from dcn_node.results import build_results
+
+        try:
+            result_set = build_results(volume, result, self.settings.results)  # type: ignore[arg-type]
+            paths = result_set.write(out_dir / "dicom")
+            objects = [
+                ResultObject(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), path)
+                for kind, ds, path in _objects_with_paths(result_set, paths)
+            ]
+            destinations = {d.name: d.kinds for d in self.settings.destinations}
+            self.outbox.record_result_set(job, out_dir / "dicom", objects, destinations)
+            self.spool.record_event(job.study_instance_uid, job.series_instance_uid,
+                                    job.generation, "results_recorded",
+                                    f"{len(objects)} objects")
+        except Exception as exc:  # this job fails with its reason; the node carries on
+            reason = f"encoding results: {type(exc).__name__}: {exc}"[:500]
+            LOGGER.exception("Series %s failed: %s", job.series_instance_uid, reason)
+            self.spool.finish_job(job, "failed", reason)
+            return
+        self.spool.finish_job(job, "done")
+        LOGGER.info("Series %s: %d result objects recorded for %d destination(s)",
+                    job.series_instance_uid, len(objects), len(destinations))
+        if self._on_recorded is not None:
+            self._on_recorded()
+
+
+def _objects_with_paths(result_set: object, paths: list[Path]) -> list[tuple[str, object, Path]]:
+    """Pair each dataset of the set with its written file (``write`` keeps kind order)."""
+    datasets = [("seg", ds) for ds in result_set.seg]  # type: ignore[attr-defined]
+    datasets += [("sc", ds) for ds in result_set.sc]  # type: ignore[attr-defined]
+    datasets += [("sr", ds) for ds in result_set.sr]  # type: ignore[attr-defined]
+    by_uid = {p.stem: p for p in paths}
+    out = []
+    for kind, ds in datasets:
+        uid = str(ds.SOPInstanceUID)  # type: ignore[attr-defined]
+        path = by_uid.get(uid)
+        if path is None:
+            raise RuntimeError(f"{kind} object {uid} was not written")
+        out.append((kind, ds, path))
+    return out

@@ -1,0 +1,258 @@
+"""The durable outbox: result objects waiting to reach each destination.
+
+A result set (the SEG, SC and SR files of one model run) is recorded here, in the spool's
+SQLite index, before anything is sent, with one delivery row per object and destination.
+The sender works through the rows; each ends ``sent`` (acknowledged by the peer), ``dead``
+(a failure that retrying will not change, or undeliverable for longer than the configured
+maximum age; ``dcn-node retry`` re-queues them) or ``superseded`` (a newer result set of
+the same series replaced it before it was sent). Rows survive restarts, so results
+acknowledged by nobody are sent after the node comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dcn_node.spool import Job, Spool
+
+LOGGER = logging.getLogger(__name__)
+
+DELIVERY_STATES = ("pending", "sent", "dead", "superseded")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS result_sets (
+    result_set_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    folder TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS result_sets_by_series
+    ON result_sets (study_instance_uid, series_instance_uid);
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    result_set_id INTEGER NOT NULL REFERENCES result_sets (result_set_id),
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, destination, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_set ON deliveries (result_set_id);
+"""
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """One file of a result set."""
+
+    kind: str  # "seg", "sc" or "sr"
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One object on its way to one destination."""
+
+    delivery_id: int
+    result_set_id: int
+    destination: str
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: Path
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
+    study_instance_uid: str
+    series_instance_uid: str
+    generation: int
+
+
+_DELIVERY_SELECT = (
+    "SELECT d.delivery_id, d.result_set_id, d.destination, d.kind, d.sop_class_uid, "
+    "d.sop_instance_uid, d.path, d.state, d.attempts, d.next_attempt_at, d.last_error, "
+    "d.created_at, d.sent_at, r.study_instance_uid, r.series_instance_uid, r.generation "
+    "FROM deliveries d JOIN result_sets r ON r.result_set_id = d.result_set_id"
+)
+
+
+def _delivery(row: tuple) -> Delivery:
+    values = list(row)
+    values[6] = Path(values[6])
+    return Delivery(*values)
+
+
+class Outbox:
+    """Delivery bookkeeping kept in the spool's index.
+
+    Parameters
+    ----------
+    spool:
+        The spool whose SQLite index holds the outbox tables.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        spool.apply_schema(_SCHEMA)
+
+    def record_result_set(
+        self, job: Job, folder: Path, objects: Sequence[ResultObject],
+        destinations: dict[str, Iterable[str]],
+    ) -> int:
+        """Record a result set and one pending delivery per object and destination.
+
+        ``destinations`` maps each destination name to the object kinds it takes. Pending
+        deliveries of older result sets of the same series are superseded in the same
+        transaction: the new objects replace them.
+        """
+        now = time.time()
+        with self.spool.transaction() as db:
+            superseded = db.execute(
+                "UPDATE deliveries SET state='superseded', last_error='replaced by a newer "
+                "result set' WHERE state IN ('pending', 'dead') AND result_set_id IN ("
+                "SELECT result_set_id FROM result_sets WHERE study_instance_uid=? AND "
+                "series_instance_uid=?)",
+                (job.study_instance_uid, job.series_instance_uid),
+            ).rowcount
+            cursor = db.execute(
+                "INSERT INTO result_sets (study_instance_uid, series_instance_uid, "
+                "generation, folder, created_at) VALUES (?,?,?,?,?)",
+                (job.study_instance_uid, job.series_instance_uid, job.generation,
+                 str(folder), now),
+            )
+            result_set_id = int(cursor.lastrowid or 0)
+            for name, kinds in destinations.items():
+                wanted = set(kinds)
+                db.executemany(
+                    "INSERT INTO deliveries (result_set_id, destination, kind, sop_class_uid, "
+                    "sop_instance_uid, path, state, next_attempt_at, created_at) "
+                    "VALUES (?,?,?,?,?,?,'pending',?,?)",
+                    [
+                        (result_set_id, name, o.kind, o.sop_class_uid, o.sop_instance_uid,
+                         str(o.path), now, now)
+                        for o in objects
+                        if o.kind in wanted
+                    ],
+                )
+        if superseded:
+            LOGGER.info("Series %s: %d undelivered object(s) of an older result set "
+                        "superseded", job.series_instance_uid, superseded)
+        return result_set_id
+
+    # -- what the sender reads ---------------------------------------------------------
+
+    def due(self, destination: str, now: float | None = None, limit: int = 500) -> list[Delivery]:
+        """Pending deliveries to ``destination`` whose next attempt is due, oldest result
+        set first, objects of one set together."""
+        now = time.time() if now is None else now
+        rows = self.spool.query(
+            _DELIVERY_SELECT + " WHERE d.state='pending' AND d.destination=? AND "
+            "d.next_attempt_at<=? ORDER BY d.result_set_id, d.delivery_id LIMIT ?",
+            (destination, now, limit),
+        )
+        return [_delivery(r) for r in rows]
+
+    def next_attempt_at(self, destination: str) -> float | None:
+        """When the next pending delivery to ``destination`` is due (None: none pending)."""
+        rows = self.spool.query(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE state='pending' AND "
+            "destination=?",
+            (destination,),
+        )
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    def deliveries(self, *, result_set_id: int | None = None,
+                   state: str | None = None) -> list[Delivery]:
+        where, args = [], []
+        if result_set_id is not None:
+            where.append("d.result_set_id=?")
+            args.append(result_set_id)
+        if state is not None:
+            where.append("d.state=?")
+            args.append(state)
+        sql = _DELIVERY_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        return [_delivery(r) for r in self.spool.query(sql + " ORDER BY d.delivery_id",
+                                                       tuple(args))]
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def mark_sent(self, delivery: Delivery, at: float | None = None) -> bool:
+        """Record the peer's acknowledgement; True when that completed the result set's
+        delivery to this destination."""
+        at = time.time() if at is None else at
+        with self.spool.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state='sent', sent_at=?, attempts=attempts+1, "
+                "last_error=NULL WHERE delivery_id=? AND state='pending'",
+                (at, delivery.delivery_id),
+            )
+            left = db.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE result_set_id=? AND destination=? "
+                "AND state='pending'",
+                (delivery.result_set_id, delivery.destination),
+            ).fetchone()[0]
+        return left == 0
+
+    def mark_retry(self, delivery: Delivery, error: str, next_attempt_at: float) -> None:
+        with self.spool.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET attempts=attempts+1, last_error=?, next_attempt_at=? "
+                "WHERE delivery_id=? AND state='pending'",
+                (error[:500], next_attempt_at, delivery.delivery_id),
+            )
+
+    def mark_dead(self, delivery: Delivery, reason: str) -> None:
+        with self.spool.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state='dead', attempts=attempts+1, last_error=? "
+                "WHERE delivery_id=? AND state='pending'",
+                (reason[:500], delivery.delivery_id),
+            )
+
+    def retry_dead(self, destination: str | None = None) -> int:
+        """Re-queue dead letters (all, or one destination's) for an attempt now."""
+        now = time.time()
+        sql = "UPDATE deliveries SET state='pending', attempts=0, next_attempt_at=?, " \
+              "created_at=? WHERE state='dead'"
+        args: tuple = (now, now)
+        if destination is not None:
+            sql, args = sql + " AND destination=?", (*args, destination)
+        with self.spool.transaction() as db:
+            return int(db.execute(sql, args).rowcount)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Deliveries per destination and state."""
+        out: dict[str, dict[str, int]] = {}
+        for destination, state, count in self.spool.query(
+            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
+        ):
+            out.setdefault(destination, {})[state] = count
+        return out
+
+    def result_set_done(self, result_set_id: int) -> bool:
+        """True when no delivery of the set is pending any more."""
+        rows = self.spool.query(
+            "SELECT COUNT(*) FROM deliveries WHERE result_set_id=? AND state='pending'",
+            (result_set_id,),
+        )
+        return rows[0][0] == 0

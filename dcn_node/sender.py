@@ -1,0 +1,278 @@
+"""The C-STORE SCU: delivers the outbox to each destination, with retries.
+
+One thread per destination, so a PACS that is down or slow delays only its own results.
+Each pass takes the due deliveries, opens one association per result set (proposing, for
+each SOP class, the file's own transfer syntax and the two uncompressed ones, so the peer
+picks what it accepts), sends the objects in order and releases. Outcomes:
+
+- Success or Warning status: ``sent``.
+- Out of resources (0xA7xx), resource limitation (0x0213), processing failure (0x0110),
+  a refused, aborted or timed-out association, a connection error: retried with
+  exponential backoff and jitter until ``sender.max_age_seconds``, then ``dead``.
+- Any other failure status, or no accepted presentation context for the SOP class: the
+  peer will answer the same next time, so ``dead`` at once with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from itertools import groupby
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
+
+from dcn_node.config import Destination, SenderSettings
+from dcn_node.outbox import Delivery, Outbox
+
+LOGGER = logging.getLogger(__name__)
+
+#: Failure statuses worth retrying: the peer may accept the same object later.
+_TRANSIENT_STATUSES = {0x0110, 0x0213}
+
+#: Told when an object was acknowledged: (delivery, completed the set for this destination).
+DeliveredCallback = Callable[[Delivery, bool], None]
+#: Told about every attempt's outcome: (destination, "sent" | "retry" | "dead").
+OutcomeCallback = Callable[[str, str], None]
+
+
+class TransientError(Exception):
+    """A failure that a later attempt may not meet (network, busy peer)."""
+
+
+def is_transient_status(status: int) -> bool:
+    return (status & 0xFF00) == 0xA700 or status in _TRANSIENT_STATUSES
+
+
+def backoff_seconds(attempts: int, settings: SenderSettings, rng: random.Random) -> float:
+    """Delay before attempt ``attempts + 1``: initial * 2**(attempts - 1), capped, +-25%."""
+    base = settings.retry_initial_seconds * 2 ** max(0, attempts - 1)
+    return min(base, settings.retry_max_interval_seconds) * rng.uniform(0.75, 1.25)
+
+
+def _tcp_nodelay(event: evt.Event) -> None:
+    # Without it, small PDUs wait for delayed ACKs (~40 ms each on Linux loopback).
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def tls_context(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
+    """The ``tls_args`` for pynetdicom, or None when the destination is plain TCP."""
+    tls = destination.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
+    )
+    if tls.cert_file is not None:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    return context, tls.server_hostname or destination.host
+
+
+class DestinationSender:
+    """Delivers one destination's share of the outbox on its own thread.
+
+    Parameters
+    ----------
+    outbox:
+        Where the deliveries are recorded.
+    destination:
+        The peer.
+    settings:
+        Retry and timeout settings.
+    calling_ae_title:
+        Our AE title on these associations.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destination: Destination,
+        settings: SenderSettings,
+        calling_ae_title: str,
+        *,
+        on_delivered: DeliveredCallback | None = None,
+        on_outcome: OutcomeCallback | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.destination = destination
+        self.settings = settings
+        self.calling_ae_title = calling_ae_title
+        self._on_delivered = on_delivered
+        self._on_outcome = on_outcome
+        self._rng = random.Random()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"sender-{destination.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the object being sent, release, and stop (pending rows stay pending)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_due()
+            except Exception:  # keep delivering; the reason goes to the log
+                LOGGER.exception("Sender %s: unexpected error", self.destination.name)
+            next_at = self.outbox.next_attempt_at(self.destination.name)
+            wait = 5.0 if next_at is None else min(5.0, max(0.0, next_at - time.time()))
+            if wait > 0:
+                self._wake.wait(wait)
+            self._wake.clear()
+
+    def send_due(self) -> None:
+        """One pass: every due delivery, one association per result set."""
+        due = self.outbox.due(self.destination.name)
+        for _, group in groupby(due, key=lambda d: d.result_set_id):
+            if self._stop.is_set():
+                return
+            self._send_result_set(list(group))
+
+    def _send_result_set(self, deliveries: list[Delivery]) -> None:
+        datasets: dict[int, pydicom.Dataset] = {}
+        for delivery in deliveries:
+            try:
+                datasets[delivery.delivery_id] = pydicom.dcmread(delivery.path)
+            except (OSError, pydicom.errors.InvalidDicomError) as exc:
+                self._dead(delivery, f"cannot read {delivery.path.name}: {exc}")
+        todo = [d for d in deliveries if d.delivery_id in datasets]
+        if not todo:
+            return
+        try:
+            assoc = self._associate(todo, datasets)
+        except TransientError as exc:
+            for delivery in todo:
+                self._retry(delivery, str(exc))
+            return
+        try:
+            for index, delivery in enumerate(todo):
+                if self._stop.is_set() or not assoc.is_established:
+                    reason = "association ended early" if not self._stop.is_set() else None
+                    for rest in todo[index:]:
+                        if reason:
+                            self._retry(rest, reason)
+                    return
+                self._send_one(assoc, delivery, datasets[delivery.delivery_id])
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _associate(self, deliveries: list[Delivery],
+                   datasets: dict[int, pydicom.Dataset]) -> Association:
+        dest, settings = self.destination, self.settings
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = settings.acse_timeout_seconds
+        ae.dimse_timeout = settings.dimse_timeout_seconds
+        ae.network_timeout = settings.dimse_timeout_seconds
+        ae.connection_timeout = settings.connect_timeout_seconds
+        syntaxes: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            own = str(datasets[delivery.delivery_id].file_meta.TransferSyntaxUID)
+            wanted = syntaxes.setdefault(delivery.sop_class_uid, [])
+            for uid in (own, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                if uid not in wanted:
+                    wanted.append(uid)
+        contexts = []
+        for sop_class, transfer_syntaxes in syntaxes.items():
+            # One context per syntax: the peer accepts each on its own merits.
+            contexts.extend(build_context(sop_class, ts) for ts in transfer_syntaxes)
+        if len(contexts) > 128:
+            raise TransientError("too many presentation contexts")
+        try:
+            assoc = ae.associate(
+                dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title,
+                tls_args=tls_context(dest), evt_handlers=[(evt.EVT_CONN_OPEN, _tcp_nodelay)],
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise TransientError(f"cannot connect: {exc}") from exc
+        if assoc.is_established:
+            return assoc
+        if assoc.is_rejected:
+            raise TransientError(f"association rejected by {dest.ae_title}@{dest.host}:"
+                                 f"{dest.port}")
+        if assoc.is_aborted:
+            raise TransientError(f"association aborted by {dest.ae_title}@{dest.host}:"
+                                 f"{dest.port}")
+        raise TransientError(f"no association with {dest.ae_title}@{dest.host}:{dest.port} "
+                             "(connection refused or timed out)")
+
+    def _send_one(self, assoc: Association, delivery: Delivery, ds: pydicom.Dataset) -> None:
+        accepted = [c for c in assoc.accepted_contexts
+                    if c.abstract_syntax == delivery.sop_class_uid]
+        if not accepted:
+            self._dead(delivery, f"{self.destination.name} accepts no presentation context "
+                                 f"for SOP class {delivery.sop_class_uid}")
+            return
+        own = str(ds.file_meta.TransferSyntaxUID)
+        if own not in {str(c.transfer_syntax[0]) for c in accepted}:
+            # Accepted only in another uncompressed syntax: pynetdicom re-encodes.
+            if ds.file_meta.TransferSyntaxUID.is_compressed:
+                self._dead(delivery, f"{self.destination.name} does not accept transfer "
+                                     f"syntax {own} for {delivery.sop_class_uid}")
+                return
+        try:
+            response = assoc.send_c_store(ds)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._retry(delivery, f"C-STORE failed: {type(exc).__name__}: {exc}")
+            return
+        status = getattr(response, "Status", None)
+        if status is None:
+            self._retry(delivery, "no C-STORE response (timeout or association aborted)")
+            return
+        status = int(status)
+        comment = str(response.get("ErrorComment", "") or "")
+        if status == 0x0000 or (status & 0xF000) == 0xB000 or status == 0x0001:
+            complete = self.outbox.mark_sent(delivery)
+            self._outcome("sent")
+            if self._on_delivered is not None:
+                self._on_delivered(delivery, complete)
+        elif is_transient_status(status):
+            self._retry(delivery, f"status 0x{status:04X} {comment}".strip())
+        else:
+            self._dead(delivery, f"status 0x{status:04X} {comment}".strip())
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def _retry(self, delivery: Delivery, error: str) -> None:
+        age = time.time() - delivery.created_at
+        if age >= self.settings.max_age_seconds:
+            self._dead(delivery, f"undelivered for {age / 3600:.1f} h; last error: {error}")
+            return
+        delay = backoff_seconds(delivery.attempts + 1, self.settings, self._rng)
+        self.outbox.mark_retry(delivery, error, time.time() + delay)
+        self._outcome("retry")
+        LOGGER.warning("Sender %s: %s %s of series %s not delivered (%s); retry in %.0f s",
+                       self.destination.name, delivery.kind, delivery.sop_instance_uid,
+                       delivery.series_instance_uid, error, delay)
+
+    def _dead(self, delivery: Delivery, reason: str) -> None:
+        self.outbox.mark_dead(delivery, reason)
+        self._outcome("dead")
+        LOGGER.error("Sender %s: %s %s of series %s is a dead letter: %s",
+                     self.destination.name, delivery.kind, delivery.sop_instance_uid,
+                     delivery.series_instance_uid, reason)
+
+    def _outcome(self, outcome: str) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(self.destination.name, outcome)
