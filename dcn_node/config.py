@@ -49,6 +49,8 @@ class NodeSettings(_Frozen):
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    #: On SIGTERM: in-flight C-STOREs, the model run and deliveries get this long to end.
+    shutdown_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     #: Faster pynetdicom transport: short polling sleeps while busy, bulk socket reads
     #: (see dcn_node/transport_tuning.py).
     transport_tuning: bool = True
@@ -119,14 +121,45 @@ class SelectionSettings(_Frozen):
         return value
 
 
+class TlsSettings(_Frozen):
+    """TLS towards one destination (DICOM over TLS, e.g. port 2762)."""
+
+    #: CA bundle that signs the peer's certificate; empty: the system's CAs.
+    ca_file: Path | None = None
+    #: Our client certificate and key, for peers that require mutual TLS.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Name checked against the peer's certificate; default: the destination host.
+    server_hostname: str | None = None
+
+
 class Destination(_Frozen):
     """A peer that receives the results (used by the sender)."""
 
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     ae_title: AETitle
     host: str
     port: Port
+    #: Which result objects this destination takes.
     kinds: tuple[Literal["seg", "sc", "sr"], ...] = ("seg", "sc", "sr")
+    #: Off by default; set a section (even empty ``tls: {}``) to use TLS.
+    tls: TlsSettings | None = None
+
+
+class SenderSettings(_Frozen):
+    """How results are delivered: retries, timeouts, our calling AE title."""
+
+    #: Calling AE title of our associations; default: ``node.ae_title``.
+    calling_ae_title: AETitle | None = None
+    #: First retry after a transient failure; doubles each attempt (with +-25% jitter).
+    retry_initial_seconds: Annotated[float, Field(gt=0)] = 10.0
+    #: Longest wait between two attempts.
+    retry_max_interval_seconds: Annotated[float, Field(gt=0)] = 600.0
+    #: A result not delivered for this long becomes a dead letter (``dcn-node retry``).
+    max_age_seconds: Annotated[float, Field(gt=0)] = 86400.0
+    connect_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
 
 
 class InferenceSettings(_Frozen):
@@ -136,6 +169,85 @@ class InferenceSettings(_Frozen):
     models_dir: Path | None = None
     #: Run queued series through the model (off: receive and queue only).
     enabled: bool = True
+    #: Backpressure: with this many series waiting for the model, new associations are
+    #: refused as transient (the sender retries later); 0 = never refuse.
+    queue_high_water: Annotated[int, Field(ge=0)] = 20
+
+
+class SegResultSettings(_Frozen):
+    """The DICOM Segmentation (lesions, and the lungs unless turned off)."""
+
+    enabled: bool = True
+    series_number: Annotated[int, Field(ge=1, le=2**31 - 1)] = 901
+    series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
+        "AI lesion segmentation - not for diagnostic use"
+    )
+    #: Add the lung segment (segment 2) beside the lesion segment (segment 1).
+    include_lung: bool = True
+
+
+class ScResultSettings(_Frozen):
+    """The overlay Secondary Captures of the key slices."""
+
+    enabled: bool = True
+    series_number: Annotated[int, Field(ge=1, le=2**31 - 1)] = 902
+    series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
+        "AI attention overlay - not for diagnostic use"
+    )
+    #: How many slices with the largest lesion areas become overlays.
+    largest_lesion_slices: Annotated[int, Field(ge=0, le=50)] = 3
+    #: Also show the slice where the attention map is strongest.
+    strongest_attention_slice: bool = True
+    #: At most this many overlays per series.
+    max_images: Annotated[int, Field(ge=1, le=50)] = 4
+    #: Lesion slices shown are at least this far apart (mm), so neighbours showing the
+    #: same lesion do not take every place.
+    min_slice_distance_mm: Annotated[float, Field(ge=0)] = 10.0
+    #: Which lesion-attention module's map is drawn (the paper's LA modules 1-4).
+    attention_module: Annotated[int, Field(ge=1, le=4)] = 3
+    #: Opacity of the heat map where attention is highest (0 = not drawn).
+    heatmap_opacity: Annotated[float, Field(ge=0, le=1)] = 0.4
+    #: Lung window for the CT underneath, HU.
+    window_center: float = -600.0
+    window_width: Annotated[float, Field(gt=0)] = 1500.0
+    #: Smallest width of the image part in pixels; smaller matrices are enlarged.
+    min_image_size: Annotated[int, Field(ge=128, le=2048)] = 512
+
+
+class SrResultSettings(_Frozen):
+    """The TID 1500 Comprehensive 3D SR measurement report."""
+
+    enabled: bool = True
+    series_number: Annotated[int, Field(ge=1, le=2**31 - 1)] = 903
+    series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
+        "AI measurement report - not for diagnostic use"
+    )
+    #: How measurements name their source images: ``series`` (the CT series, one line)
+    #: or ``images`` (every CT instance, long in a text viewer).
+    source_references: Literal["series", "images"] = "series"
+
+
+class ResultsSettings(_Frozen):
+    """The DICOM objects made from each analysis: SEG, overlay SCs and a TID 1500 SR."""
+
+    #: Root for the UIDs of result objects (your organisation's root, ending in a dot);
+    #: default: pydicom's root. UIDs are derived from the source series, model version,
+    #: object kind and index, so a re-run replaces rather than duplicates.
+    uid_prefix: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)] | None = (
+        None
+    )
+    #: Probability at or above which the SR reports the finding as present.
+    finding_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    manufacturer: Annotated[str, Field(min_length=1, max_length=64)] = "dcn-node"
+    manufacturer_model_name: Annotated[str, Field(min_length=1, max_length=64)] = (
+        "DCN COVID-19 CT"
+    )
+    device_serial_number: Annotated[str, Field(min_length=1, max_length=64)] = "1"
+    institution_name: Annotated[str, Field(max_length=64)] | None = None
+    station_name: Annotated[str, Field(max_length=16)] | None = None
+    seg: SegResultSettings = SegResultSettings()
+    sc: ScResultSettings = ScResultSettings()
+    sr: SrResultSettings = SrResultSettings()
 
 
 class MetricsSettings(_Frozen):
@@ -156,7 +268,9 @@ class Settings(_Frozen):
     completion: CompletionSettings = CompletionSettings()
     selection: SelectionSettings = SelectionSettings()
     destinations: tuple[Destination, ...] = ()
+    sender: SenderSettings = SenderSettings()
     inference: InferenceSettings = InferenceSettings()
+    results: ResultsSettings = ResultsSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
 
