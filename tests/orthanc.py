@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -85,7 +86,11 @@ class Orthanc:
             for path in (self.workdir, storage):
                 path.chmod(0o777)
             config_path.chmod(0o644)
-            command = ["runuser", "-u", "nobody", "--", *command]
+            # setpriv execs Orthanc itself (runuser would stay as a parent that does not
+            # pass SIGTERM on), so stop() really stops the PACS.
+            nobody = pwd.getpwnam("nobody")
+            command = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                       "--clear-groups", "--", *command]
         env = {**os.environ, "TCP_NODELAY": "1"}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

@@ -184,9 +184,13 @@ def test_orthanc_round_trip_resend_and_transcoded_input(
 
 
 def test_results_wait_for_the_pacs_to_come_back(
-    start_node, orthanc: Orthanc, untrained_models: Path, phantom: PhantomCase
+    start_node, orthanc: Orthanc, untrained_models: Path, tmp_path: Path
 ) -> None:
-    node = start_node(**node_config(orthanc, untrained_models))
+    # No announced slice count: the series completes after the 5 s quiet period only.
+    phantom = generate_phantom(tmp_path / "case", seed=32, slices=24, matrix=128,
+                               ImagesInAcquisition=None)
+    node = start_node(**node_config(orthanc, untrained_models),
+                      completion={"quiet_seconds": 5.0})
     orthanc.add_modality("node", NODE_AET, node.receiver.port)
     push_to_node(orthanc, upload(orthanc, phantom))
     orthanc.stop()  # down before the quiet period ends: results find nobody to take them

@@ -1,0 +1,276 @@
+"""Overlay Secondary Captures: what most PACS viewers show when they show no SEG.
+
+One single-frame RGB Secondary Capture per key slice (single-frame SC is the one image type
+every PACS viewer displays; multi-frame true colour SC is often shown only frame by frame or
+not at all). Each image is the CT slice in a lung window with the lesion outline, the
+attention map of one lesion-attention module as a translucent heat map with its colour bar,
+orientation letters and burned-in text: the patient-level probability and finding, the slice
+position, and "AI result - not for diagnostic use". No patient name is burned in (the
+header carries the patient). BurnedInAnnotation is YES; RGB images carry no VOI LUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from scipy import ndimage
+
+from dcn_node.config import ResultsSettings, ScResultSettings
+from dcn_node.results import common
+from dcn_node.results.font import draw_text, glyphs, pick_size
+from dcn_node.volume import Volume
+
+if TYPE_CHECKING:
+    from dcn_node.inference.engine import AnalysisResult
+
+LOGGER = logging.getLogger(__name__)
+
+OUTLINE_RGB = (0, 255, 70)
+WARNING_RGB = (255, 210, 0)
+TEXT_RGB = (235, 235, 235)
+POSITIVE_RGB = (255, 120, 60)
+NEGATIVE_RGB = (120, 220, 120)
+#: Attention below this fraction of the scale is not tinted; above, opacity ramps up.
+HEAT_FLOOR = 0.15
+
+# Heat map colours: a perceptual ramp from dark violet through red and orange to yellow.
+_HEAT_ANCHORS = np.array([
+    (0.00, 40, 10, 120), (0.25, 130, 20, 150), (0.50, 220, 40, 70),
+    (0.75, 255, 140, 20), (1.00, 255, 240, 60),
+], dtype=np.float32)
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB float32 in [0, 255]."""
+    v = np.clip(values, 0, 1)
+    return np.stack([np.interp(v, _HEAT_ANCHORS[:, 0], _HEAT_ANCHORS[:, c])
+                     for c in (1, 2, 3)], axis=-1).astype(np.float32)
+
+
+def attention_map(result: AnalysisResult, module: int) -> np.ndarray | None:
+    """The (slices, h, w) attention map of LA module ``module`` (1-based), or None."""
+    if not 1 <= module <= len(result.attention):
+        return None
+    return np.asarray(result.attention[module - 1], dtype=np.float32)
+
+
+def key_slices(result: AnalysisResult, settings: ScResultSettings,
+               slice_offsets: np.ndarray | None = None) -> list[int]:
+    """The slices shown: largest lesion areas first, then the strongest attention.
+
+    Lesion slices closer than ``settings.min_slice_distance_mm`` (along the normal, from
+    ``slice_offsets``) to one already chosen are passed over, so neighbours showing the same
+    lesion do not take every place. With no lesion and no attention, the slice with the most
+    lung (a negative result still gets one overlay).
+    """
+    slices = result.lesion.shape[0]
+    offsets = np.arange(slices, dtype=float) if slice_offsets is None \
+        else np.asarray(slice_offsets, dtype=float)
+    areas = result.lesion.reshape(slices, -1).sum(axis=1)
+    attention = attention_map(result, settings.attention_module)
+    want_attention = settings.strongest_attention_slice and attention is not None \
+        and float(attention.max(initial=0.0)) > 0
+    lesion_budget = min(settings.largest_lesion_slices,
+                        settings.max_images - (1 if want_attention else 0))
+    chosen: list[int] = []
+    for k in np.argsort(-areas, kind="stable"):
+        if len(chosen) >= lesion_budget or areas[k] == 0:
+            break
+        if all(abs(offsets[k] - offsets[j]) >= settings.min_slice_distance_mm for j in chosen):
+            chosen.append(int(k))
+    if want_attention and attention is not None:
+        flat = attention.reshape(slices, -1)
+        # Strongest peak; the larger total breaks ties.
+        strongest = int(np.lexsort((flat.sum(axis=1), flat.max(axis=1)))[-1])
+        if strongest not in chosen:
+            chosen.append(strongest)
+    if not chosen:
+        chosen = [int(np.argmax(result.lung.reshape(slices, -1).sum(axis=1)))]
+    return chosen[:settings.max_images]
+
+
+def _resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resampling with pixel centres aligned (area-consistent, any factor)."""
+    rows = (np.arange(shape[0]) + 0.5) * image.shape[0] / shape[0] - 0.5
+    cols = (np.arange(shape[1]) + 0.5) * image.shape[1] / shape[1] - 0.5
+    grid = np.meshgrid(rows, cols, indexing="ij")
+    return ndimage.map_coordinates(image.astype(np.float32), grid, order=1, mode="nearest")
+
+
+def _slice_label(volume: Volume, index: int) -> str:
+    """Where the slice is: the source image number and z (or position along the normal)."""
+    ds = volume.source_datasets[index]
+    number = ds.get("InstanceNumber")
+    frame = volume.frame_numbers[index]
+    iop = ds.get("ImageOrientationPatient")
+    offset = float(volume.slice_offsets[index])
+    where = f"position {offset:.1f} mm"
+    if iop is not None:
+        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+        if abs(normal[2]) > 0.9:
+            where = f"z {offset * np.sign(normal[2]):.1f} mm"
+    image = f"image {number}" if number is not None else "image"
+    if len(set(volume.sop_instance_uids)) < len(volume.sop_instance_uids):
+        image += f" frame {frame}"
+    return f"Slice {index + 1}/{len(volume.sop_instance_uids)} ({image}, {where})"
+
+
+def render_overlay(volume: Volume, result: AnalysisResult, index: int,
+                   settings: ResultsSettings) -> np.ndarray:
+    """The RGB uint8 overlay of slice ``index``: header text, image, colour bar, footer."""
+    sc = settings.sc
+    rows, columns = volume.hu.shape[1:]
+    scale = max(1, math.ceil(sc.min_image_size / max(rows, columns)))
+    height, width = rows * scale, columns * scale
+    size = pick_size(width)
+    line = glyphs(size).height + 4
+    pad = line // 2
+    header, footer, panel = 4 * line + pad, line + pad, 6 * size
+    canvas = np.zeros((header + height + footer, width + panel, 3), np.uint8)
+
+    # The CT in the lung window.
+    low = sc.window_center - sc.window_width / 2
+    gray = np.clip((volume.hu[index] - low) / sc.window_width, 0, 1)
+    gray = _resample(gray, (height, width)) * 255
+    image = np.repeat(gray[:, :, None], 3, axis=2)
+
+    # The attention heat map, translucent, transparent where attention is weak.
+    attention = attention_map(result, sc.attention_module)
+    top = 1.0
+    if attention is not None and sc.heatmap_opacity > 0:
+        top = max(1.0, float(attention.max(initial=0.0)))  # sigmoid maps: 0..1
+        values = np.clip(_resample(attention[index], (height, width)) / top, 0, 1)
+        alpha = sc.heatmap_opacity * np.clip((values - HEAT_FLOOR) / (0.6 - HEAT_FLOOR), 0, 1)
+        image = image * (1 - alpha[..., None]) + heat_colors(values) * alpha[..., None]
+
+    # The lesion outline, drawn just outside the lesion so its pixels stay visible.
+    lesion = np.repeat(np.repeat(result.lesion[index], scale, axis=0), scale, axis=1)
+    if lesion.any():
+        thickness = max(2, round(width / 300))
+        outline = ndimage.binary_dilation(lesion, iterations=thickness) & ~lesion
+        image[outline] = OUTLINE_RGB
+    canvas[header:header + height, :width] = np.rint(image).astype(np.uint8)
+
+    # Orientation letters on the image edges.
+    row_dir, col_dir = common.patient_orientation(volume)
+    opposite = str.maketrans("LRAPHF", "RLPAFH")
+    left, top_letter = row_dir.translate(opposite), col_dir.translate(opposite)
+    draw_text(canvas, 6, header + height // 2 - line // 2, left, TEXT_RGB, size=size,
+              bold=True, shadow=True)
+    draw_text(canvas, width // 2 - size // 2, header + 4, top_letter, TEXT_RGB, size=size,
+              bold=True, shadow=True)
+
+    # Header: the patient-level result, the slice, the legend.
+    positive = result.probability >= settings.finding_threshold
+    x = pad + draw_text(canvas, pad, pad // 2, f"COVID-19 probability {result.probability:.2f}"
+                        " - ", TEXT_RGB, size=size, bold=True)
+    draw_text(canvas, x, pad // 2,
+              f"{'POSITIVE' if positive else 'negative'} at threshold "
+              f"{settings.finding_threshold:.2f}",
+              POSITIVE_RGB if positive else NEGATIVE_RGB, size=size, bold=True)
+    lesion_ml = float(np.count_nonzero(result.lesion)) * volume.voxel_volume_ml
+    lung_ml = float(np.count_nonzero(result.lung)) * volume.voxel_volume_ml
+    with_lesions = int(np.count_nonzero(result.lesion.any(axis=(1, 2))))
+    draw_text(canvas, pad, pad // 2 + line,
+              f"Lesions {lesion_ml:.1f} ml = {100 * lesion_ml / max(lung_ml, 1e-9):.1f} % of "
+              f"the lungs ({lung_ml:.0f} ml), on {with_lesions} slices", TEXT_RGB, size=size)
+    area_cm2 = float(result.lesion[index].sum()) * volume.pixel_spacing[0] \
+        * volume.pixel_spacing[1] / 100.0
+    detail = f"{_slice_label(volume, index)}: lesion {area_cm2:.1f} cm2"
+    if len(result.slice_probabilities) > index:
+        longer = f"{detail}, slice prob. {float(result.slice_probabilities[index]):.2f}"
+        if glyphs(size).width(longer) <= canvas.shape[1] - 2 * pad:
+            detail = longer
+    draw_text(canvas, pad, pad // 2 + 2 * line, detail, TEXT_RGB, size=size)
+    x = pad + draw_text(canvas, pad, pad // 2 + 3 * line, "outline: lesion", OUTLINE_RGB,
+                        size=size)
+    if attention is not None and sc.heatmap_opacity > 0:
+        draw_text(canvas, x, pad // 2 + 3 * line,
+                  f"   heat map: attention of LA module {sc.attention_module}", TEXT_RGB,
+                  size=size)
+
+    # Colour bar, right of the image.
+    if attention is not None and sc.heatmap_opacity > 0:
+        _colour_bar(canvas, width, header, height, panel, size, top)
+
+    # Footer.
+    draw_text(canvas, pad, header + height + pad // 2,
+              f"{common.NOT_FOR_DIAGNOSIS.upper()}   model {result.model_version}",
+              WARNING_RGB, size=size, bold=True)
+    return canvas
+
+
+def _colour_bar(canvas: np.ndarray, x0: int, y0: int, height: int, panel: int, size: int,
+                top: float) -> None:
+    bar_height = int(height * 0.6)
+    bar_top = y0 + (height - bar_height) // 2
+    bar_left, bar_width = x0 + panel // 6, max(8, panel // 5)
+    values = np.linspace(1, 0, bar_height)[:, None]
+    colors = heat_colors(np.repeat(values, bar_width, axis=1))
+    canvas[bar_top:bar_top + bar_height, bar_left:bar_left + bar_width] = np.rint(colors)
+    text_x = bar_left + bar_width + 4
+    line = glyphs(size).height
+    for fraction in (1.0, 0.5, HEAT_FLOOR, 0.0):
+        y = bar_top + int((1 - fraction) * (bar_height - 1))
+        canvas[y, bar_left + bar_width:bar_left + bar_width + 3] = TEXT_RGB
+        draw_text(canvas, text_x, y - line // 2, f"{fraction * top:.2g}", TEXT_RGB, size=size)
+    draw_text(canvas, bar_left - 2, bar_top - line - 6, "attn.", TEXT_RGB, size=size)
+
+
+def build_overlays(volume: Volume, result: AnalysisResult, settings: ResultsSettings
+                   ) -> list[hd.sc.SCImage]:
+    """One RGB Secondary Capture per key slice, in the source study, as one new series."""
+    version = result.model_version
+    header = common.source_header(volume)
+    indices = key_slices(result, settings.sc, volume.slice_offsets)
+    # Head first, as slices are usually read (slice 0 is the lowest along the normal).
+    indices.sort(reverse=True)
+    series_uid = common.result_uid(settings, volume, version, "sc-series")
+    orientation = common.patient_orientation(volume)
+    images = []
+    for number, index in enumerate(indices, start=1):
+        source_uid = volume.sop_instance_uids[index]
+        frame = volume.frame_numbers[index]
+        pixels = render_overlay(volume, result, index, settings)
+        image = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=header,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=series_uid,
+            series_number=settings.sc.series_number,
+            sop_instance_uid=common.result_uid(settings, volume, version, "sc", number),
+            instance_number=number,
+            manufacturer=settings.manufacturer,
+            patient_orientation=orientation,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=common.contributing_equipment(settings, version),
+            series_description=settings.sc.series_description,
+            coding_schemes=common.coding_schemes(),
+            **common.equipment_kwargs(settings, version, volume),  # type: ignore[arg-type]
+        )
+        image.ConversionType = "WSD"  # made on a workstation, not digitised
+        image.BurnedInAnnotation = "YES"
+        # An unpaired body part: no Laterality needed (dciodvfy checks the condition).
+        image.BodyPartExamined = "CHEST"
+        image.ImageComments = common.NOT_FOR_DIAGNOSIS
+        image.DerivationDescription = (
+            "CT slice in lung window with AI lesion outline and attention heat map")
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = volume.source_datasets[index].SOPClassUID
+        reference.ReferencedSOPInstanceUID = source_uid
+        if len(set(volume.sop_instance_uids)) < len(volume.sop_instance_uids):
+            reference.ReferencedFrameNumber = frame
+        image.SourceImageSequence = [reference]
+        common.finish(image, settings, volume)
+        images.append(image)
+    LOGGER.info("%d overlay SC(s) for series %s (slices %s)", len(images),
+                volume.series_instance_uid, indices)
+    return images

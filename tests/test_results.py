@@ -1,0 +1,508 @@
+"""Result objects (SEG, overlay SCs, TID 1500 SR): valid by dciodvfy, readable by dsrdump,
+round-tripped by highdicom, in the source study, with deterministic UIDs.
+
+No model weights are needed: the analysis result is built from the phantom's ground truth
+(masks in the volume's slice order via SOP Instance UIDs, attention = blurred lesions), which
+also makes the round trip exact.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, generate_uid
+from scipy import ndimage
+
+from dcn_node.config import ResultsSettings, load_config
+from dcn_node.inference.engine import AnalysisResult
+from dcn_node.phantom import generate_phantom
+from dcn_node.results import ResultEncodingError, ResultSet, build_results
+from dcn_node.results.sc import OUTLINE_RGB, WARNING_RGB, key_slices
+from dcn_node.results.seg import build_segmentation
+from dcn_node.volume import Volume, load_dicom_folder, load_series
+from tests.conftest import require_tool
+
+MATRIX = 64
+
+
+def analysis_from_truth(volume: Volume, ground_truth: Path, *, probability: float | None = None,
+                        model_version: str = "test-1") -> AnalysisResult:
+    """An engine-shaped result from the phantom's ground truth, in the volume's order."""
+    truth = np.load(ground_truth)
+    index = {str(uid): i for i, uid in enumerate(truth["sop_instance_uids"])}
+    order = [index[uid] for uid in volume.sop_instance_uids]
+    lung, lesion = truth["lung"][order], truth["lesion"][order]
+    slices, rows, _ = lesion.shape
+    blurred = ndimage.gaussian_filter(lesion.astype(np.float32), (0, 2, 2))
+    blurred /= max(float(blurred.max()), 1e-6)
+    attention = [np.ascontiguousarray(ndimage.zoom(blurred, (1, side / rows, side / rows),
+                                                   order=1)).clip(0, 1)
+                 for side in (rows // 2, rows // 2, rows // 4, rows // 8)]
+    if probability is None:
+        probability = 0.93 if lesion.any() else 0.04
+    return AnalysisResult(
+        lung=lung, lesion=lesion,
+        slice_probabilities=np.where(lesion.any(axis=(1, 2)), 0.9, 0.05).astype(np.float32),
+        attention=attention, probability=probability, positive=probability >= 0.5,
+        model_version=model_version, seconds=1.0)
+
+
+def phantom_case(folder: Path, seed: int = 4, *, slices: int = 24, thickness: float = 5.0,
+                 normal: bool = False, **overrides: Any) -> tuple[Volume, AnalysisResult, Path]:
+    case = generate_phantom(folder, seed, slices=slices, thickness_mm=thickness, normal=normal,
+                            matrix=MATRIX, **overrides)
+    volume = load_dicom_folder(case.series_dir)
+    return volume, analysis_from_truth(volume, case.ground_truth_path), case.ground_truth_path
+
+
+def dciodvfy(path: Path) -> str:
+    """dciodvfy -new output for ``path``; fails the test on any "Error" line."""
+    out = subprocess.run([require_tool("dciodvfy"), "-new", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    report = out.stdout + out.stderr
+    errors = [line for line in report.splitlines() if "Error" in line]
+    assert not errors, f"{path.name}:\n" + "\n".join(errors)
+    return report
+
+
+def dsrdump(path: Path) -> str:
+    out = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "rror" not in out.stderr, out.stderr
+    return out.stdout
+
+
+def sr_items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from sr_items(item)
+
+
+def sr_values(ds: Dataset) -> dict[str, list[Any]]:
+    """Concept name meaning -> values of NUM (value, unit) and CODE items in the tree."""
+    values: dict[str, list[Any]] = {}
+    for item in sr_items(ds):
+        name = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "NUM":
+            measured = item.MeasuredValueSequence[0]
+            values.setdefault(name, []).append(
+                (float(measured.NumericValue),
+                 measured.MeasurementUnitsCodeSequence[0].CodeValue))
+        elif item.ValueType == "CODE":
+            values.setdefault(name, []).append(item.ConceptCodeSequence[0].CodeMeaning)
+        elif item.ValueType == "IMAGE":
+            reference = item.ReferencedSOPSequence[0]
+            if "ReferencedSegmentNumber" in reference:
+                values.setdefault(name, []).append(int(reference.ReferencedSegmentNumber))
+    return values
+
+
+@pytest.mark.parametrize(("thickness", "normal"), [(1.0, False), (1.0, True), (5.0, False),
+                                                   (5.0, True)])
+def test_every_object_is_valid_for_1_and_5_mm_with_and_without_lesions(
+        tmp_path: Path, thickness: float, normal: bool) -> None:
+    volume, result, _ = phantom_case(tmp_path / "case", seed=4, slices=30 if thickness < 2
+                                     else 24, thickness=thickness, normal=normal)
+    assert result.lesion.any() != normal
+    paths = build_results(volume, result, ResultsSettings()).write(tmp_path / "out")
+    kinds = sorted({p.parent.name for p in paths})
+    assert kinds == ["sc", "seg", "sr"]
+    for path in paths:
+        report = dciodvfy(path)
+        ds = pydicom.dcmread(path)
+        assert path.stem == ds.SOPInstanceUID
+        assert ds.StudyInstanceUID == volume.study_instance_uid
+        assert ds.SeriesInstanceUID != volume.series_instance_uid
+        if path.parent.name == "sr":
+            tree = dsrdump(path)
+            assert "Probability" in tree and "Percentage of lung volume with lesions" in tree
+            assert report
+    seg = pydicom.dcmread(next(p for p in paths if p.parent.name == "seg"))
+    assert int(seg.NumberOfFrames) == 2 * len(volume.sop_instance_uids)  # no frame omitted
+    assert seg.SegmentationType == "BINARY"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["COVID-19 lesions", "Lungs"]
+    referenced = {r.ReferencedSOPInstanceUID
+                  for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    assert referenced == set(volume.sop_instance_uids)
+    sr = pydicom.dcmread(next(p for p in paths if p.parent.name == "sr"))
+    values = sr_values(sr)
+    assert values["COVID-19"] == ["Absent" if normal else "Present"]
+    assert values["Number of slices with lesions"][0][0] == int(
+        result.lesion.any(axis=(1, 2)).sum())
+    if normal:
+        assert values["Volume"][0] == (0.0, "ml")
+        assert len([p for p in paths if p.parent.name == "sc"]) == 1
+
+
+def test_empty_lesion_result_is_encoded_with_empty_frames(tmp_path: Path) -> None:
+    """The documented choice: no lesion still gives a SEG (segment 1 all empty), one
+    overlay (the slice with the most lung) and an SR reporting 0 ml and Absent."""
+    volume, result, _ = phantom_case(tmp_path / "case", seed=4, normal=True)
+    result.attention = [np.zeros_like(a) for a in result.attention]
+    results = build_results(volume, result, ResultsSettings())
+    seg = hd.seg.Segmentation.from_dataset(results.seg[0])
+    masks = seg.get_pixels_by_source_instance(volume.sop_instance_uids, segment_numbers=[1, 2])
+    assert not masks[..., 0].any()
+    np.testing.assert_array_equal(masks[..., 1].astype(bool), result.lung)
+    assert len(results.sc) == 1
+    lung_areas = result.lung.sum(axis=(1, 2))
+    shown = results.sc[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+    assert shown == volume.sop_instance_uids[int(np.argmax(lung_areas))]
+    for path in results.write(tmp_path / "out"):
+        dciodvfy(path)
+
+
+def _relabel(series_dir: Path, how: str) -> None:
+    """Rewrite the phantom so that z runs the other way: negated positions, or a flipped
+    column direction (slice normal -z)."""
+    for path in series_dir.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        if how == "negated-z":
+            ds.ImagePositionPatient = [x, y, -z]
+            ds.SliceLocation = -z
+        else:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, -1, 0]
+            ds.ImagePositionPatient = [x, -y, z]
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("variant", ["random-order", "negated-z", "flipped-normal",
+                                     "slope-2"])
+def test_seg_round_trip_equals_the_masks_voxel_for_voxel(tmp_path: Path, variant: str) -> None:
+    overrides: dict[str, Any] = {}
+    if variant == "slope-2":
+        overrides = {"RescaleSlope": 2.0, "RescaleIntercept": -2048.0,
+                     "PixelRepresentation": 1}
+    case = generate_phantom(tmp_path / "case", 6, slices=20, thickness_mm=2.5, matrix=MATRIX,
+                            **overrides)
+    if variant in ("negated-z", "flipped-normal"):
+        _relabel(case.series_dir, variant)
+    files = sorted(case.series_dir.glob("*.dcm"))
+    random.Random(7).shuffle(files)
+    volume = load_series(files)
+    truth = np.load(case.ground_truth_path)
+    truth_uids = [str(u) for u in truth["sop_instance_uids"]]
+    if variant in ("negated-z", "flipped-normal"):
+        assert volume.sop_instance_uids == truth_uids[::-1]  # the z axis really is reversed
+    else:
+        assert volume.sop_instance_uids == truth_uids
+    if variant == "slope-2":
+        ds = pydicom.dcmread(files[0])
+        assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (2.0, -2048.0)
+        assert -1100 < float(volume.hu.min()) and float(volume.hu.max()) < 3100
+    result = analysis_from_truth(volume, case.ground_truth_path)
+    seg_path = build_results(volume, result, ResultsSettings(sc={"enabled": False},
+                                                             sr={"enabled": False})
+                             ).write(tmp_path / "out")[0]
+    dciodvfy(seg_path)
+    seg = hd.seg.segread(seg_path)
+    # Read back by the ground truth's own UIDs: independent of the volume's ordering.
+    masks = seg.get_pixels_by_source_instance(truth_uids, segment_numbers=[1, 2])
+    np.testing.assert_array_equal(masks[..., 0].astype(bool), truth["lesion"])
+    np.testing.assert_array_equal(masks[..., 1].astype(bool), truth["lung"])
+    # Each frame sits where its source slice is.
+    positions = {ds.SOPInstanceUID: [float(v) for v in ds.ImagePositionPatient]
+                 for ds in volume.source_datasets}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose([float(v) for v in position],
+                                   positions[source.ReferencedSOPInstanceUID], atol=1e-3)
+
+
+@pytest.mark.parametrize(("charset", "name"), [
+    ("ISO_IR 192", "Müller^Zoë=王^小明"),
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+])
+def test_patient_names_survive_in_every_character_set(tmp_path: Path, charset: Any,
+                                                      name: str) -> None:
+    volume, result, _ = phantom_case(tmp_path / "case", SpecificCharacterSet=charset,
+                                     PatientName=name, ReferringPhysicianName=name)
+    source = pydicom.dcmread(next((tmp_path / "case" / "series").glob("*.dcm")))
+    assert str(source.PatientName) == name
+    paths = build_results(volume, result, ResultsSettings()).write(tmp_path / "out")
+    for path in paths:
+        dciodvfy(path)
+        ds = pydicom.dcmread(path)
+        assert str(ds.PatientName) == name, path.parent.name
+        assert str(ds.ReferringPhysicianName) == name
+        assert ds.SpecificCharacterSet == source.SpecificCharacterSet
+        for keyword in ("PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate",
+                        "StudyTime", "AccessionNumber", "StudyInstanceUID"):
+            assert ds.get(keyword) == source.get(keyword), keyword
+    for path in paths:
+        if path.parent.name == "sr":
+            assert "Yamada" in dsrdump(path) or "Müller" in dsrdump(path)
+
+
+def test_uids_are_deterministic_and_a_rerun_replaces_the_files(tmp_path: Path) -> None:
+    volume, result, _ = phantom_case(tmp_path / "case")
+    settings = ResultsSettings(uid_prefix="1.2.826.0.1.3680043.10.999.")
+    first, second = (build_results(volume, result, settings) for _ in range(2))
+
+    def uids(results: ResultSet) -> list[tuple[str, str]]:
+        return [(ds.SeriesInstanceUID, ds.SOPInstanceUID)
+                for kind in ("seg", "sc", "sr") for ds in getattr(results, kind)]
+
+    assert uids(first) == uids(second)
+    assert all(sop.startswith("1.2.826.0.1.3680043.10.999.") for _, sop in uids(first))
+    assert len({series for series, _ in uids(first)}) == 3
+    out = tmp_path / "out"
+    written = first.write(out)
+    assert second.write(out) == written
+    assert sorted(out.rglob("*")) == sorted([*written, out / "seg", out / "sc", out / "sr"])
+    result.model_version = "test-2"
+    assert not set(uids(build_results(volume, result, settings))) & set(uids(first))
+    # The SR's lesion group carries the SEG segment's tracking UID.
+    seg, sr = first.seg[0], first.sr[0]
+    tracking = [i.UID for i in sr_items(sr) if i.ValueType == "UIDREF"
+                and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Unique Identifier"]
+    assert seg.SegmentSequence[0].TrackingUID in tracking
+
+
+def test_sr_reports_the_measurements_of_the_result(tmp_path: Path) -> None:
+    volume, result, _ = phantom_case(tmp_path / "case")
+    results = build_results(volume, result, ResultsSettings(finding_threshold=0.95))
+    sr = results.sr[0]
+    values = sr_values(sr)
+    voxel_ml = volume.voxel_volume_ml
+    lesion_ml = result.lesion.sum() * voxel_ml
+    lung_ml = result.lung.sum() * voxel_ml
+    assert values["Probability"] == [(0.93, "1")]
+    assert values["COVID-19"] == ["Absent"]  # 0.93 is below the configured 0.95
+    assert values["Volume"] == [(round(lesion_ml, 2), "ml"), (round(lung_ml, 2), "ml")]
+    assert values["Percentage of lung volume with lesions"] == [
+        (round(100 * lesion_ml / lung_ml, 3), "%")]
+    assert values["Referenced Segment"] == [1, 2]
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    assert "PerformedProcedureCodeSequence" in sr
+    assert "ReferencedPerformedProcedureStepSequence" in sr
+    observer = [i for i in sr_items(sr)
+                if i.ConceptNameCodeSequence[0].CodeMeaning == "Observer Type"]
+    assert observer[0].ConceptCodeSequence[0].CodeValue == "121007"  # Device
+    evidence = {r.ReferencedSOPInstanceUID
+                for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in s.ReferencedSeriesSequence for r in series.ReferencedSOPSequence}
+    assert evidence == {*volume.sop_instance_uids, results.seg[0].SOPInstanceUID}
+    # Every source image instead of the series, and a SEG without lungs: still valid.
+    results = build_results(volume, result, ResultsSettings(
+        seg={"include_lung": False}, sc={"enabled": False},
+        sr={"source_references": "images"}))
+    assert len(results.seg[0].SegmentSequence) == 1
+    values = sr_values(results.sr[0])
+    assert values["Referenced Segment"] == [1]
+    assert len(values["Volume"]) == 2
+    for path in results.write(tmp_path / "out"):
+        dciodvfy(path)
+        if path.parent.name == "sr":
+            assert dsrdump(path).count("Source Image for Segmentation") == len(
+                volume.sop_instance_uids)
+
+
+def test_algorithm_identification_and_contributing_equipment(tmp_path: Path) -> None:
+    volume, result, _ = phantom_case(tmp_path / "case")
+    results = build_results(volume, result, ResultsSettings(station_name="AI01"))
+    seg = results.seg[0]
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == "test-1"
+    assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+    for ds in (*results.seg, *results.sc, *results.sr):
+        ours = [e for e in ds.ContributingEquipmentSequence
+                if e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"]
+        assert len(ours) == 1, ds.Modality
+        assert ours[0].PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+        assert ours[0].ManufacturerModelName == "DCN COVID-19 CT"
+        assert "model test-1" in list(ours[0].SoftwareVersions)
+        assert ours[0].DeviceUID
+        assert ds.StationName == "AI01"
+        assert "not for diagnostic use" in ds.SeriesDescription
+    assert {ds.SeriesNumber for ds in (*results.seg, *results.sc, *results.sr)} == {901, 902,
+                                                                                     903}
+
+
+def test_overlays_show_outline_heat_map_and_warning(tmp_path: Path) -> None:
+    volume, result, _ = phantom_case(tmp_path / "case")
+    results = build_results(volume, result, ResultsSettings())
+    areas = result.lesion.sum(axis=(1, 2))
+    shown = [ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in results.sc]
+    assert volume.sop_instance_uids[int(np.argmax(areas))] in shown and len(shown) <= 4
+    attention = result.attention[2].reshape(len(areas), -1).max(axis=1)
+    lesion_slices = [volume.sop_instance_uids.index(uid) for uid in shown]
+    lesion_slices.remove(int(np.argmax(attention)))  # the strongest attention: any distance
+    positions = sorted(float(volume.slice_offsets[k]) for k in lesion_slices)
+    assert min(np.diff(positions)) >= 10.0  # neighbours of one lesion do not fill the set
+    assert [int(ds.InstanceNumber) for ds in results.sc] == list(range(1, len(shown) + 1))
+    for ds in results.sc:
+        assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+        assert ds.BurnedInAnnotation == "YES"
+        assert "WindowCenter" not in ds and "VOILUTSequence" not in ds
+        pixels = ds.pixel_array
+        assert pixels.shape[1] >= 512  # the 64-pixel matrix is enlarged for reading
+        colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
+        assert WARNING_RGB in {tuple(c) for c in pixels.reshape(-1, 3)}
+        assert OUTLINE_RGB in colours or OUTLINE_RGB in {tuple(c)
+                                                        for c in pixels.reshape(-1, 3)}
+    # The heat map follows the configured module: another module changes the picture.
+    other = build_results(volume, result, ResultsSettings(sc={"attention_module": 2}))
+    assert not np.array_equal(other.sc[0].pixel_array, results.sc[0].pixel_array)
+
+
+def test_key_slices_reserve_a_place_for_the_strongest_attention() -> None:
+    lesion = np.zeros((10, 8, 8), bool)
+    for k, area in ((2, 5), (5, 9), (7, 3), (8, 1)):
+        lesion[k].flat[:area] = True
+    attention = [np.zeros((10, 4, 4), np.float32) for _ in range(4)]
+    attention[2][9, 1, 1] = 0.8
+    result = AnalysisResult(lung=np.ones_like(lesion), lesion=lesion,
+                            slice_probabilities=np.zeros(10), attention=attention,
+                            probability=0.7, positive=True, model_version="m", seconds=0.0)
+    settings = ResultsSettings().sc
+    offsets = np.arange(10) * 10.0  # 10 mm slices
+    assert key_slices(result, settings, offsets) == [5, 2, 7, 9]
+    assert key_slices(result, settings.model_copy(update={"max_images": 2}), offsets) == [5, 9]
+    assert key_slices(result, settings.model_copy(
+        update={"strongest_attention_slice": False}), offsets) == [5, 2, 7]
+    # 5 mm slices: slice 7 is 10 mm from slice 5 and stays; 1 mm slices: only the largest.
+    assert key_slices(result, settings, offsets / 2) == [5, 2, 7, 9]
+    assert key_slices(result, settings, offsets / 10) == [5, 9]
+
+
+def test_mismatched_masks_are_refused(tmp_path: Path) -> None:
+    volume, result, _ = phantom_case(tmp_path / "case")
+    result.lesion = result.lesion[:-1]
+    with pytest.raises(ResultEncodingError, match="differ from the volume"):
+        build_results(volume, result, ResultsSettings())
+
+
+def _synthetic_volume(slices: int, size: int) -> tuple[Volume, AnalysisResult]:
+    """Headers only (no pixels): enough for the SEG encoder."""
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    headers = []
+    for i in range(slices):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID, ds.Modality, ds.Manufacturer = frame, "CT", "test"
+        ds.PatientName, ds.PatientID, ds.PatientSex = "MEMORY^TEST", "1", "O"
+        ds.Rows = ds.Columns = size
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-180, -180, float(i)]
+        headers.append(ds)
+    lung = np.zeros((slices, size, size), bool)
+    lung[:, size // 4:3 * size // 4, size // 8:7 * size // 8] = True
+    lesion = np.zeros_like(lung)
+    lesion[slices // 3:slices // 2, size // 3:size // 2, size // 4:size // 3] = True
+    volume = Volume(hu=np.broadcast_to(np.float32(0), lung.shape),
+                    sop_instance_uids=[d.SOPInstanceUID for d in headers],
+                    frame_numbers=[1] * slices, pixel_spacing=(0.7, 0.7),
+                    slice_offsets=np.arange(slices, dtype=float), study_instance_uid=study,
+                    series_instance_uid=series, source_datasets=headers)
+    result = AnalysisResult(lung=lung, lesion=lesion, slice_probabilities=np.zeros(slices),
+                            attention=[], probability=0.9, positive=True, model_version="m",
+                            seconds=0.0)
+    return volume, result
+
+
+def test_seg_encoding_holds_one_extra_copy_of_the_masks_at_most() -> None:
+    """Peak traced memory of the SEG encoder stays near one copy of the masks (highdicom's
+    own overlap check alone would take 8 bytes per voxel). 1,000 slices of 512 x 512:
+    see docs/results.md."""
+    settings = ResultsSettings()
+    build_segmentation(*_synthetic_volume(4, 32), settings)  # load highdicom's tables first
+    volume, result = _synthetic_volume(120, 256)
+    masks_bytes = result.lung.nbytes + result.lesion.nbytes
+    tracemalloc.start()
+    try:
+        seg = build_segmentation(volume, result, settings)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert int(seg.NumberOfFrames) == 240 and seg.SegmentsOverlap == "YES"
+    assert peak < 1.5 * masks_bytes, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_shipped_config_documents_the_defaults() -> None:
+    assert load_config().results == ResultsSettings()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    for section in ("", "seg.", "sc.", "sr."):
+        model = ResultsSettings() if not section else getattr(ResultsSettings(), section[:-1])
+        for key in type(model).model_fields:
+            if key in ("seg", "sc", "sr"):
+                continue
+            assert f"`{section}{key}`" in docs, f"results.{section}{key} undocumented"
+
+
+def test_analyze_cli_writes_the_objects(tmp_path: Path, untrained_models: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``dcn-node analyze`` (untrained lite weights) also writes seg/, sc/ and sr/."""
+    import json
+
+    from dcn_node.cli import main
+
+    case = generate_phantom(tmp_path / "case", 4, slices=12, matrix=MATRIX)
+    out = tmp_path / "out"
+    assert main(["analyze", str(case.series_dir), "--out", str(out), "--models",
+                 str(untrained_models)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    written = [out / p for p in summary["dicom_objects"]]
+    assert {p.parent.name for p in written} == {"seg", "sc", "sr"}
+    assert sorted(written) == sorted(p for p in out.rglob("*.dcm"))
+    for path in written:
+        dciodvfy(path)
+        assert pydicom.dcmread(path).StudyInstanceUID == case.study_instance_uid
+
+
+def test_multi_frame_source_round_trip(tmp_path: Path) -> None:
+    """An Enhanced (here Legacy Converted Enhanced) CT: one instance, frames in the file's
+    order (head first); the SEG pairs frame by frame and reads back by source frame."""
+    case = generate_phantom(tmp_path / "case", 4, slices=12, matrix=MATRIX)
+    slices = [pydicom.dcmread(p) for p in sorted(case.series_dir.glob("*.dcm"))]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        slices, series_instance_uid=slices[0].SeriesInstanceUID, series_number=1,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    volume = load_series([tmp_path / "enhanced.dcm"])
+    assert len(set(volume.sop_instance_uids)) == 1 and volume.frame_numbers != sorted(
+        volume.frame_numbers)
+    truth = np.load(case.ground_truth_path)  # ascending z, as the volume
+    result = AnalysisResult(
+        lung=truth["lung"], lesion=truth["lesion"], slice_probabilities=np.zeros(12),
+        attention=[np.zeros((12, 8, 8), np.float32)] * 4, probability=0.8, positive=True,
+        model_version="test-1", seconds=0.0)
+    results = build_results(volume, result, ResultsSettings(sr={"source_references":
+                                                                "images"}))
+    for path in results.write(tmp_path / "out"):
+        dciodvfy(path)
+    seg = hd.seg.Segmentation.from_dataset(results.seg[0])
+    masks = seg.get_pixels_by_source_frame(volume.sop_instance_uids[0],
+                                           source_frame_numbers=volume.frame_numbers,
+                                           segment_numbers=[1, 2])
+    np.testing.assert_array_equal(masks[..., 0].astype(bool), truth["lesion"])
+    np.testing.assert_array_equal(masks[..., 1].astype(bool), truth["lung"])
+    assert "ReferencedFrameNumber" in results.sc[0].SourceImageSequence[0]
+
+
+def test_source_without_type2_study_attributes_still_encodes(tmp_path: Path) -> None:
+    """Tolerant when reading: a CT without Study ID, Accession Number or Referring
+    Physician gives objects with those attributes empty; the volume is not modified."""
+    volume, result, _ = phantom_case(tmp_path / "case", StudyID=None, AccessionNumber=None,
+                                     ReferringPhysicianName=None)
+    assert "StudyID" not in volume.source_datasets[0]
+    for path in build_results(volume, result, ResultsSettings()).write(tmp_path / "out"):
+        dciodvfy(path)
+        ds = pydicom.dcmread(path)
+        assert "StudyID" in ds and not ds.StudyID
+    assert "StudyID" not in volume.source_datasets[0]
