@@ -9,7 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 # Debian packages the test suite talks to as real peers.
 TEST_DEBS := dcmtk dicom3tools orthanc orthanc-gdcm prometheus
 
-.PHONY: run test venv test-deps system-deps lint bench clean
+# install-systemd: where the checkout (with its .venv) lives, and where units go.
+INSTALL_DIR ?= /opt/dcn-node
+SYSTEMD_DIR ?= /etc/systemd/system
+
+.PHONY: run test venv test-deps system-deps lint bench clean install-systemd
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +53,28 @@ lint: venv
 
 bench: venv
 	$(PY) bench/ingest.py
+
+# The systemd service (docs/operations.md#systemd), as root, for a checkout at INSTALL_DIR
+# whose .venv exists (`make venv` there): user dcn-node, /etc/dcn-node/dcn-node.yaml (kept
+# when present), the unit with INSTALL_DIR in its paths, daemon-reload. Does not start it.
+install-systemd:
+	@test "$$(id -u)" = 0 || { echo "run as root: sudo make install-systemd"; exit 1; }
+	@test -x "$(INSTALL_DIR)/.venv/bin/dcn-node" || { echo "$(INSTALL_DIR)/.venv/bin/dcn-node \
+	  missing: put the checkout at INSTALL_DIR and run make venv there"; exit 1; }
+	getent passwd dcn-node >/dev/null || useradd --system --user-group --no-create-home \
+	  --home-dir /var/lib/dcn-node --shell /usr/sbin/nologin dcn-node
+	install -d -m 0750 -o root -g dcn-node /etc/dcn-node
+	test -e /etc/dcn-node/dcn-node.yaml || { \
+	  sed 's#^  spool_dir: var/spool#  spool_dir: /var/lib/dcn-node/spool#' $(CONFIG) \
+	    > /etc/dcn-node/dcn-node.yaml && \
+	  chown root:dcn-node /etc/dcn-node/dcn-node.yaml && \
+	  chmod 0640 /etc/dcn-node/dcn-node.yaml; }
+	sed 's#/opt/dcn-node#$(INSTALL_DIR)#g' systemd/dcn-node.service \
+	  > $(SYSTEMD_DIR)/dcn-node.service
+	systemd-analyze verify $(SYSTEMD_DIR)/dcn-node.service
+	systemctl daemon-reload
+	@echo "Installed. Set destinations in /etc/dcn-node/dcn-node.yaml, then:"
+	@echo "  systemctl enable --now dcn-node && systemctl status dcn-node"
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -1,4 +1,5 @@
-"""Command line: ``dcn-node serve | status | check-config | echo | phantom``."""
+"""Command line: ``dcn-node serve | status | retry | healthcheck | check-config | echo |
+phantom | analyze | train | evaluate``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.logging.level, settings.logging.format)
     Node(settings).serve_forever()
     return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Ask the running node's /readyz (or /healthz with --live); exit 0 when OK. Used as
+    the container's HEALTHCHECK (no curl in slim images)."""
+    import urllib.error
+    import urllib.request
+
+    metrics = _settings(args).metrics
+    host = metrics.host if metrics.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{metrics.port}/{'healthz' if args.live else 'readyz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            code, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        code, body = exc.code, exc.read()
+    except OSError as exc:
+        print(f"{url}: {exc}")
+        return 1
+    print(f"{url}: {code} {body.decode(errors='replace')}")
+    return 0 if code == 200 else 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -299,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file")
     _add_config_argument(check)
     check.set_defaults(func=cmd_check_config)
+
+    health = sub.add_parser("healthcheck", help="ask a running node's /readyz (exit 0: ready)")
+    _add_config_argument(health)
+    health.add_argument("--live", action="store_true", help="ask /healthz (alive) instead")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    health.set_defaults(func=cmd_healthcheck)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     echo.add_argument("host")

@@ -251,8 +251,16 @@ class ResultsSettings(_Frozen):
 
 
 class MetricsSettings(_Frozen):
+    """Prometheus metrics and the health endpoints, over HTTP (docs/operations.md)."""
+
+    #: Serve /metrics, /healthz and /readyz.
+    enabled: bool = True
     host: str = "0.0.0.0"
+    #: 0 picks a free port (tests); the port in use is logged at start.
     port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    #: /readyz fails while a destination's oldest undelivered result is older than this;
+    #: 0 = never (free space uses storage.min_free_bytes).
+    outbox_stuck_seconds: Annotated[float, Field(ge=0)] = 1800.0
 
 
 class LoggingSettings(_Frozen):

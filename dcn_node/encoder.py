@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from dcn_node.config import Settings
 from dcn_node.outbox import Outbox, ResultObject
 from dcn_node.spool import Job, Spool
+from dcn_node.worker import FinishedCallback, TimingCallback
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,19 +44,34 @@ class ResultEncoder:
         Durable state.
     on_recorded:
         Called after a result set was recorded (the service wakes the senders).
+    on_timing, on_finished:
+        Optional observers: the ``encoding`` stage's seconds, and how each job finished.
     """
 
     def __init__(self, settings: Settings, spool: Spool, outbox: Outbox, *,
-                 on_recorded: Callable[[], None] | None = None, queue_size: int = 2) -> None:
+                 on_recorded: Callable[[], None] | None = None, queue_size: int = 2,
+                 on_timing: TimingCallback | None = None,
+                 on_finished: FinishedCallback | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.outbox = outbox
         self._on_recorded = on_recorded
+        self._on_timing = on_timing
+        self._on_finished = on_finished
         self._queue: queue.Queue[_Work | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="result-encoder", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def queued(self) -> int:
+        """Model outputs waiting to be encoded."""
+        return self._queue.qsize()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued (within ``timeout``) and stop."""
@@ -80,6 +97,7 @@ class ResultEncoder:
         """Build, write and record one result set; mark the job done or failed."""
         from dcn_node.results import build_results
 
+        started = time.perf_counter()
         try:
             result_set = build_results(volume, result, self.settings.results)  # type: ignore[arg-type]
             paths = result_set.write(out_dir / "dicom")
@@ -96,10 +114,16 @@ class ResultEncoder:
             reason = f"encoding results: {type(exc).__name__}: {exc}"[:500]
             LOGGER.exception("Series %s failed: %s", job.series_instance_uid, reason)
             self.spool.finish_job(job, "failed", reason)
+            if self._on_finished is not None:
+                self._on_finished(job, "failed", reason)
             return
+        if self._on_timing is not None:
+            self._on_timing("encoding", time.perf_counter() - started)
         self.spool.finish_job(job, "done")
         LOGGER.info("Series %s: %d result objects recorded for %d destination(s)",
                     job.series_instance_uid, len(objects), len(destinations))
+        if self._on_finished is not None:
+            self._on_finished(job, "done", None)
         if self._on_recorded is not None:
             self._on_recorded()
 

@@ -86,6 +86,16 @@ class Delivery:
     generation: int
 
 
+@dataclass
+class Backlog:
+    """One destination's undelivered objects."""
+
+    pending: int = 0
+    dead: int = 0
+    #: When the oldest pending object was recorded (None: nothing pending).
+    oldest_pending_at: float | None = None
+
+
 _DELIVERY_SELECT = (
     "SELECT d.delivery_id, d.result_set_id, d.destination, d.kind, d.sop_class_uid, "
     "d.sop_instance_uid, d.path, d.state, d.attempts, d.next_attempt_at, d.last_error, "
@@ -248,6 +258,38 @@ class Outbox:
         ):
             out.setdefault(destination, {})[state] = count
         return out
+
+    def backlog(self) -> dict[str, Backlog]:
+        """Per destination with anything pending or dead: the counts, and when the oldest
+        pending object was recorded (what metrics and readiness look at)."""
+        out: dict[str, Backlog] = {}
+        for destination, state, count, oldest in self.spool.query(
+            "SELECT destination, state, COUNT(*), MIN(created_at) FROM deliveries "
+            "WHERE state IN ('pending', 'dead') GROUP BY destination, state"
+        ):
+            entry = out.setdefault(destination, Backlog())
+            if state == "pending":
+                entry.pending, entry.oldest_pending_at = count, oldest
+            else:
+                entry.dead = count
+        return out
+
+    def result_set_counts(self, result_set_id: int) -> dict[str, int]:
+        """A result set's deliveries by state."""
+        return dict(self.spool.query(
+            "SELECT state, COUNT(*) FROM deliveries WHERE result_set_id=? GROUP BY state",
+            (result_set_id,),
+        ))
+
+    def deliveries_of(self, study: str, series: str, generation: int) -> int:
+        """Deliveries recorded for one generation of a series (0: nobody takes them)."""
+        rows = self.spool.query(
+            "SELECT COUNT(*) FROM deliveries d JOIN result_sets r "
+            "ON r.result_set_id = d.result_set_id WHERE r.study_instance_uid=? AND "
+            "r.series_instance_uid=? AND r.generation=? AND d.state != 'superseded'",
+            (study, series, generation),
+        )
+        return int(rows[0][0])
 
     def result_set_done(self, result_set_id: int) -> bool:
         """True when no delivery of the set is pending any more."""

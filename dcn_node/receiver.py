@@ -131,12 +131,21 @@ class Refusal:
     result: int = 0x01  # rejected-permanent
     source: int = 0x01  # DICOM UL service-user
     diagnostic: int = 0x01  # no reason given
+    #: Short fixed name of the reason (the metrics label): calling_ae, host, ...
+    code: str = "other"
 
 
 #: Callback asked before accepting an association; returns a refusal (e.g. backpressure).
 AdmissionCheck = Callable[[], Refusal | None]
 #: Callback told about every stored instance (metrics, tests).
 StoredCallback = Callable[[InstanceHeader, str], None]
+#: Callback told how each association request ended: None (accepted) or a refusal code.
+AssociationCallback = Callable[[str | None], None]
+#: Callback told about every C-STORE response: (status, bytes stored; 0 unless Success).
+StoreStatusCallback = Callable[[int, int], None]
+
+#: pynetdicom's own rejections (A-ASSOCIATE-RJ result, source, diagnostic) -> refusal code.
+_PYNETDICOM_REJECTIONS = {(0x01, 0x01, 0x07): "called_ae", (0x02, 0x03, 0x02): "max_associations"}
 
 
 class StorageSCP:
@@ -153,6 +162,10 @@ class StorageSCP:
         a :class:`Refusal` it returns is sent as A-ASSOCIATE-RJ.
     on_stored:
         Optional callback run after an instance is stored (with its header and calling AE).
+    on_association:
+        Optional callback told how every association request ended (metrics).
+    on_store_status:
+        Optional callback told every C-STORE status answered and the bytes stored (metrics).
     """
 
     def __init__(
@@ -162,11 +175,15 @@ class StorageSCP:
         *,
         admission_check: AdmissionCheck | None = None,
         on_stored: StoredCallback | None = None,
+        on_association: AssociationCallback | None = None,
+        on_store_status: StoreStatusCallback | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self._admission_check = admission_check
         self._on_stored = on_stored
+        self._on_association = on_association
+        self._on_store_status = on_store_status
         self._server: ThreadedAssociationServer | None = None
         self._accepting = threading.Event()
         self._allowed_aets = {a.strip() for a in settings.node.allowed_calling_aets}
@@ -200,6 +217,8 @@ class StorageSCP:
         node = self.settings.node
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -254,16 +273,17 @@ class StorageSCP:
 
     def _refusal_for(self, calling_ae: str, host: str) -> Refusal | None:
         if not self._accepting.is_set():
-            return Refusal("node is shutting down", 0x02, 0x03, 0x01)
+            return Refusal("node is shutting down", 0x02, 0x03, 0x01, code="shutting_down")
         if self._allowed_aets and calling_ae not in self._allowed_aets:
-            return Refusal("calling AE title not in node.allowed_calling_aets", 0x01, 0x01, 0x03)
+            return Refusal("calling AE title not in node.allowed_calling_aets", 0x01, 0x01, 0x03,
+                           code="calling_ae")
         if self._allowed_networks:
             try:
                 address = ipaddress.ip_address(host)
             except ValueError:
-                return Refusal(f"peer address {host!r} is not an IP address")
+                return Refusal(f"peer address {host!r} is not an IP address", code="host")
             if not any(address in network for network in self._allowed_networks):
-                return Refusal("peer host not in node.allowed_hosts")
+                return Refusal("peer host not in node.allowed_hosts", code="host")
         if self._admission_check is not None:
             return self._admission_check()
         return None
@@ -289,7 +309,27 @@ class StorageSCP:
             return
         LOGGER.warning("Refusing association from %s@%s: %s", calling_ae, host, refusal.reason)
         assoc.acse.send_reject(refusal.result, refusal.source, refusal.diagnostic)
+        if self._on_association is not None:
+            self._on_association(refusal.code)
         assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        if self._on_association is not None:
+            self._on_association(None)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # Only pynetdicom's own rejections get here (called AE title, too many
+        # associations): a refusal sent from _on_requested does not trigger EVT_REJECTED.
+        primitive = event.assoc.acceptor.primitive
+        key = None if primitive is None else (primitive.result, primitive.result_source,
+                                              primitive.diagnostic)
+        code = _PYNETDICOM_REJECTIONS.get(key, "other")  # type: ignore[arg-type]
+        if code == "max_associations":
+            LOGGER.warning("Refusing association from %s@%s: node.max_associations (%d) reached",
+                           event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address,
+                           self.settings.node.max_associations)
+        if self._on_association is not None:
+            self._on_association(code)
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -320,6 +360,7 @@ class StorageSCP:
         )
         try:
             with stream.getbuffer() as body:
+                size = len(meta) + body.nbytes
                 replaced = self.spool.store_instance(
                     header,
                     (meta, body),
@@ -334,6 +375,8 @@ class StorageSCP:
             )
         if self._on_stored is not None:
             self._on_stored(header, calling_ae)
+        if self._on_store_status is not None:
+            self._on_store_status(STATUS_SUCCESS, size)
         return STATUS_SUCCESS
 
     def _refuse(self, status: int, sop_instance_uid: str, calling_ae: str, reason: str) -> Dataset:
@@ -341,6 +384,8 @@ class StorageSCP:
         log = LOGGER.error if status == STATUS_OUT_OF_RESOURCES else LOGGER.warning
         log("C-STORE of %s from %s answered 0x%04X: %s", sop_instance_uid, calling_ae, status,
             reason)
+        if self._on_store_status is not None:
+            self._on_store_status(status, 0)
         return _status(status, reason)
 
     def _free_bytes(self) -> int:

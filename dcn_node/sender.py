@@ -39,8 +39,9 @@ _TRANSIENT_STATUSES = {0x0110, 0x0213}
 
 #: Told when an object was acknowledged: (delivery, completed the set for this destination).
 DeliveredCallback = Callable[[Delivery, bool], None]
-#: Told about every attempt's outcome: (destination, "sent" | "retry" | "dead").
-OutcomeCallback = Callable[[str, str], None]
+#: Told each delivery's outcome: (delivery, "sent" | "retry" | "dead"), after it is recorded
+#: (for "sent", after the DeliveredCallback).
+OutcomeCallback = Callable[[Delivery, str], None]
 
 
 class TransientError(Exception):
@@ -117,6 +118,10 @@ class DestinationSender:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def wake(self) -> None:
         self._wake.set()
@@ -244,9 +249,9 @@ class DestinationSender:
         comment = str(response.get("ErrorComment", "") or "")
         if status == 0x0000 or (status & 0xF000) == 0xB000 or status == 0x0001:
             complete = self.outbox.mark_sent(delivery)
-            self._outcome("sent")
             if self._on_delivered is not None:
                 self._on_delivered(delivery, complete)
+            self._outcome(delivery, "sent")
         elif is_transient_status(status):
             self._retry(delivery, f"status 0x{status:04X} {comment}".strip())
         else:
@@ -261,18 +266,18 @@ class DestinationSender:
             return
         delay = backoff_seconds(delivery.attempts + 1, self.settings, self._rng)
         self.outbox.mark_retry(delivery, error, time.time() + delay)
-        self._outcome("retry")
+        self._outcome(delivery, "retry")
         LOGGER.warning("Sender %s: %s %s of series %s not delivered (%s); retry in %.0f s",
                        self.destination.name, delivery.kind, delivery.sop_instance_uid,
                        delivery.series_instance_uid, error, delay)
 
     def _dead(self, delivery: Delivery, reason: str) -> None:
         self.outbox.mark_dead(delivery, reason)
-        self._outcome("dead")
         LOGGER.error("Sender %s: %s %s of series %s is a dead letter: %s",
                      self.destination.name, delivery.kind, delivery.sop_instance_uid,
                      delivery.series_instance_uid, reason)
+        self._outcome(delivery, "dead")
 
-    def _outcome(self, outcome: str) -> None:
+    def _outcome(self, delivery: Delivery, outcome: str) -> None:
         if self._on_outcome is not None:
-            self._on_outcome(self.destination.name, outcome)
+            self._on_outcome(delivery, outcome)

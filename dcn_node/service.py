@@ -5,6 +5,7 @@
     infer     ModelWorker thread, one model run at a time -> summary.json, masks.npz
     encode    ResultEncoder thread                        -> SEG/SC/SR files + outbox rows
     send      one DestinationSender thread per PACS       -> C-STORE, retries, dead letters
+    observe   NodeMetrics (callbacks of every stage), MetricsServer: /metrics /healthz /readyz
 
 Receiving never waits on the later stages: they run on their own workers and talk to
 each other through the spool (durable) or a small bounded queue (infer -> encode). When
@@ -14,25 +15,48 @@ senders retry later instead of handing us data we cannot process in time.
 
 from __future__ import annotations
 
-import json
+import collections
+import functools
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any, TypeVar
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dcn_node import systemd
 from dcn_node.config import Settings
 from dcn_node.encoder import ResultEncoder
-from dcn_node.outbox import Delivery, Outbox
+from dcn_node.health import Liveness, Readiness, outbox_problem, spool_free_bytes, spool_problem
+from dcn_node.metrics import MetricsServer, NodeMetrics, NodeState
+from dcn_node.outbox import Backlog, Delivery, Outbox
 from dcn_node.receiver import Refusal, StorageSCP
 from dcn_node.sender import DestinationSender
 from dcn_node.series import SeriesAssembler
-from dcn_node.spool import Spool
+from dcn_node.spool import Job, Spool
+from dcn_node.summary import build_summary, log_summary
 from dcn_node.worker import ModelWorker
 
 LOGGER = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _observer(method: _F) -> _F:
+    """For callbacks the stages call: counting and summarizing must never stop a stage,
+    so a failure here is logged and swallowed."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            LOGGER.exception("%s failed", method.__name__)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class Node:
@@ -48,23 +72,43 @@ class Node:
         self.settings = settings
         self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
         self.outbox = Outbox(self.spool)
+        self.metrics = NodeMetrics({d.name: d.kinds for d in settings.destinations},
+                                   min_free_bytes=settings.storage.min_free_bytes,
+                                   state=self.state)
+        m = self.metrics
         self.assembler = SeriesAssembler(self.spool, settings.completion, settings.selection)
-        self.receiver = StorageSCP(settings, self.spool, admission_check=self._admission)
+        self.receiver = StorageSCP(settings, self.spool, admission_check=self._admission,
+                                   on_association=m.record_association,
+                                   on_store_status=m.record_store)
         self.encoder = ResultEncoder(settings, self.spool, self.outbox,
-                                     on_recorded=self._wake_senders)
-        self.worker = ModelWorker(self.spool, self._make_engine, on_result=self.encoder.submit)
+                                     on_recorded=self._wake_senders, on_timing=m.record_stage,
+                                     on_finished=self._job_finished)
+        self.worker = ModelWorker(self.spool, self._make_engine, on_result=self.encoder.submit,
+                                  on_timing=m.record_stage, on_finished=self._job_finished,
+                                  on_engine_loaded=self._engine_loaded)
         calling_ae = settings.sender.calling_ae_title or settings.node.ae_title
         self.senders = [
             DestinationSender(self.outbox, destination, settings.sender, calling_ae,
-                              on_delivered=self._delivered)
+                              on_delivered=self._delivered, on_outcome=self._delivery_outcome)
             for destination in settings.destinations
         ]
+        self.metrics_server = (
+            MetricsServer(settings.metrics.host, settings.metrics.port, m,
+                          self.readiness, self.liveness)
+            if settings.metrics.enabled else None
+        )
         self.scheduler = BackgroundScheduler(daemon=True)
         self._stopped = threading.Event()
+        # Result sets already summarized: two senders may both see a set finish.
+        self._summarized: collections.deque[int] = collections.deque(maxlen=1000)
+        self._summary_lock = threading.Lock()
 
     def start(self) -> None:
-        """Recover the spool, start listening and start every stage."""
+        """Recover the spool, start the HTTP endpoint (not ready yet), start listening and
+        start every stage."""
         self.spool.recover()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.receiver.start()
         self.scheduler.add_job(
             self._check_series,
@@ -80,8 +124,74 @@ class Node:
             self.worker.start()
         for sender in self.senders:
             sender.start()
+        watchdog = systemd.watchdog_seconds()
+        if watchdog is not None:
+            self.scheduler.add_job(self._feed_watchdog, "interval", seconds=watchdog / 2,
+                                   id="systemd-watchdog", max_instances=1, coalesce=True)
         LOGGER.info("dcn-node started; spool at %s; %d destination(s)", self.spool.root,
                     len(self.senders))
+
+    # -- health ------------------------------------------------------------------------
+
+    def liveness(self) -> Liveness:
+        """Which parts stopped running (feeds /healthz and the systemd watchdog)."""
+        problems = []
+        if not self.receiver.is_listening:
+            problems.append("Storage SCP not listening")
+        if not self.scheduler.running:
+            problems.append("series completion scheduler stopped")
+        if self.settings.inference.enabled:
+            if not self.worker.is_alive:
+                problems.append("model worker thread stopped")
+            if not self.encoder.is_alive:
+                problems.append("result encoder thread stopped")
+        problems += [f"sender {s.destination.name} stopped" for s in self.senders
+                     if not s.is_alive]
+        return Liveness(tuple(problems))
+
+    def readiness(self, backlog: dict[str, Backlog] | None = None) -> Readiness:
+        """SCP listening, model loaded, spool writable with space, outbox moving."""
+        checks: dict[str, str | None] = {}
+        checks["scp"] = None if self.receiver.is_listening else "Storage SCP not listening"
+        if not self.settings.inference.enabled or self.worker.engine_loaded:
+            checks["model"] = None
+        else:
+            checks["model"] = f"model not loaded: {self.worker.engine_error or 'loading'}"
+        checks["spool"] = spool_problem(self.spool.root, self.settings.storage.min_free_bytes)
+        try:
+            backlog = self.outbox.backlog() if backlog is None else backlog
+            checks["outbox"] = outbox_problem(_pending_ages(backlog, time.time()),
+                                              self.settings.metrics.outbox_stuck_seconds)
+        except Exception as exc:  # e.g. the index is closed while stopping
+            checks["outbox"] = f"outbox unreadable: {type(exc).__name__}: {exc}"
+        return Readiness(checks)
+
+    def state(self) -> NodeState:
+        """Queue depths, spool space and readiness, for the gauges read at each scrape."""
+        jobs = dict(self.spool.query(
+            "SELECT state, COUNT(*) FROM jobs WHERE state IN ('queued', 'processing') "
+            "GROUP BY state"))
+        waiting = self.spool.query("SELECT COUNT(*) FROM series WHERE state='receiving'")
+        backlog = self.outbox.backlog()
+        ages = _pending_ages(backlog, time.time())
+        return NodeState(
+            series_waiting=int(waiting[0][0]),
+            inference_queued=int(jobs.get("queued", 0)),
+            inference_running=int(jobs.get("processing", 0)),
+            outbox_pending={name: b.pending for name, b in backlog.items()},
+            outbox_oldest_pending_age=ages,
+            dead_letters={name: b.dead for name, b in backlog.items()},
+            spool_free_bytes=spool_free_bytes(self.spool.root),
+            associations_active=self.receiver.active_associations(),
+            readiness=self.readiness(backlog),
+        )
+
+    def _feed_watchdog(self) -> None:
+        live = self.liveness()
+        if live.ok:
+            systemd.notify("WATCHDOG=1")
+        else:
+            LOGGER.error("Not feeding the systemd watchdog: %s", "; ".join(live.problems))
 
     def _admission(self) -> Refusal | None:
         """Backpressure: refuse (transient) while too many series wait for the model."""
@@ -93,42 +203,65 @@ class Node:
             return None
         # rejected-transient, service-provider (presentation), local-limit-exceeded
         return Refusal(f"inference queue full ({waiting} series waiting, high-water "
-                       f"mark {high_water})", 0x02, 0x03, 0x02)
+                       f"mark {high_water})", 0x02, 0x03, 0x02, code="backpressure")
 
     def _wake_senders(self) -> None:
         for sender in self.senders:
             sender.wake()
 
+    @_observer
     def _delivered(self, delivery: Delivery, destination_complete: bool) -> None:
         study, series = delivery.study_instance_uid, delivery.series_instance_uid
         self.spool.record_event(study, series, delivery.generation, "acknowledged",
                                 f"{delivery.destination} {delivery.kind} "
                                 f"{delivery.sop_instance_uid}")
-        if not destination_complete:
-            return
-        self.spool.record_event(study, series, delivery.generation, "results_delivered",
-                                delivery.destination)
-        if self.outbox.result_set_done(delivery.result_set_id):
-            self.log_timeline(study, series)
+        if destination_complete:
+            self.spool.record_event(study, series, delivery.generation, "results_delivered",
+                                    delivery.destination)
 
-    def log_timeline(self, study: str, series: str) -> None:
-        """One structured line per delivered series: its events as seconds since the
-        first instance arrived (UIDs only, no patient data)."""
-        events = self.spool.timeline(study, series)
-        if not events:
+    @_observer
+    def _delivery_outcome(self, delivery: Delivery, outcome: str) -> None:
+        """Count it; when it was the set's last pending object, end the series' story:
+        the end-to-end time (all acknowledged) and the summary line."""
+        self.metrics.record_delivery(delivery.destination, delivery.kind, outcome)
+        if outcome == "retry" or not self.outbox.result_set_done(delivery.result_set_id):
             return
-        start = events[0][2]
-        line = {
-            "event": "series_timeline",
-            "series_instance_uid": series,
-            "generation": max(e[0] for e in events),
-            "steps": [
-                {"event": e, "seconds": round(at - start, 3), **({"detail": d} if d and
-                                                                  e != "acknowledged" else {})}
-                for _, e, at, d in events
-            ],
-        }
-        LOGGER.info("%s", json.dumps(line, separators=(",", ":")))
+        with self._summary_lock:
+            if delivery.result_set_id in self._summarized:
+                return
+            self._summarized.append(delivery.result_set_id)
+        counts = self.outbox.result_set_counts(delivery.result_set_id)
+        sent, dead = counts.get("sent", 0), counts.get("dead", 0)
+        if sent == 0 and dead == 0:
+            return  # superseded by a newer result set, which gets its own line
+        study, series = delivery.study_instance_uid, delivery.series_instance_uid
+        record = self.spool.get_series(study, series)
+        if dead == 0 and record is not None and record.generation == delivery.generation:
+            self.metrics.record_end_to_end(time.time() - record.last_received_at)
+        outcome = "delivered" if not dead else "partly_delivered" if sent else "undelivered"
+        log_summary(build_summary(self.spool, study, series, delivery.generation, outcome,
+                                  results={"sent": sent, "dead": dead}))
+
+    @_observer
+    def _job_finished(self, job: Job, state: str, reason: str | None) -> None:
+        study, series = job.study_instance_uid, job.series_instance_uid
+        if state == "failed":
+            self.metrics.record_series("failed")
+            log_summary(build_summary(self.spool, study, series, job.generation, "failed",
+                                      reason=reason))
+            return
+        self.metrics.record_series("processed")
+        if not self.outbox.deliveries_of(study, series, job.generation):
+            log_summary(build_summary(self.spool, study, series, job.generation, "processed",
+                                      reason="no destination takes these results"))
+
+    @_observer
+    def _engine_loaded(self, engine: object) -> None:
+        inference = self.settings.inference
+        profile = getattr(engine, "profile", None)
+        self.metrics.record_model(str(getattr(engine, "model_version", "unknown")),
+                                  str(getattr(profile, "name", inference.profile)),
+                                  str(getattr(engine, "device", inference.device)))
 
     def _make_engine(self) -> object:
         from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
@@ -142,6 +275,13 @@ class Node:
             decided = self.assembler.check()
             if any(assessment.state == "queued" for _, assessment in decided):
                 self.worker.wake()
+            for record, assessment in decided:
+                self.metrics.record_series("completed")
+                if assessment.state in ("ignored", "rejected"):
+                    self.metrics.record_series(assessment.state)
+                    log_summary(build_summary(
+                        self.spool, record.study_instance_uid, record.series_instance_uid,
+                        record.generation, assessment.state, reason=assessment.reason))
         except Exception:  # the job must keep running; the reason goes to the log
             LOGGER.exception("Series completion check failed")
 
@@ -153,6 +293,7 @@ class Node:
         timeout = self.settings.node.shutdown_timeout_seconds if timeout is None else timeout
         deadline = time.monotonic() + timeout
         LOGGER.info("dcn-node stopping")
+        systemd.notify("STOPPING=1")
 
         def left() -> float:
             return max(0.1, deadline - time.monotonic())
@@ -164,6 +305,8 @@ class Node:
             self.encoder.stop(left())
         for sender in self.senders:
             sender.stop(left())
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.spool.close()
         self._stopped.set()
         LOGGER.info("dcn-node stopped")
@@ -179,5 +322,13 @@ class Node:
         signal.signal(signal.SIGTERM, _request_stop)
         signal.signal(signal.SIGINT, _request_stop)
         self.start()
+        systemd.notify(f"READY=1\nSTATUS=listening as {self.settings.node.ae_title} on port "
+                       f"{self.receiver.port}")
         stop_requested.wait()
         self.stop()
+
+
+def _pending_ages(backlog: dict[str, Backlog], now: float) -> dict[str, float]:
+    """Per destination: seconds since its oldest pending object was recorded."""
+    return {name: max(0.0, now - b.oldest_pending_at) for name, b in backlog.items()
+            if b.oldest_pending_at is not None}

@@ -586,5 +586,8 @@ class Spool:
 
     def results_dir(self, job: Job) -> Path:
         """Where a job's results are kept: results/<series>/<generation>/."""
-        return (self.root / "results" / _safe_component(job.series_instance_uid)
-                / str(job.generation))
+        return self.results_dir_for(job.series_instance_uid, job.generation)
+
+    def results_dir_for(self, series: str, generation: int) -> Path:
+        """Where the results of one generation of a series are kept."""
+        return self.root / "results" / _safe_component(series) / str(generation)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,13 @@ LOGGER = logging.getLogger(__name__)
 #: Takes over a job after a successful run (job, volume, result, results folder); it
 #: is then responsible for finishing the job (the service passes the result encoder).
 ResultHandler = Callable[[Job, object, object, Path], None]
+#: Told the seconds each stage took on a series: (stage, seconds).
+TimingCallback = Callable[[str, float], None]
+#: Told how a job finished when this stage finished it: (job, "done" | "failed", reason).
+FinishedCallback = Callable[[Job, str, str | None], None]
+
+#: Engine timing keys -> stage names of the metrics (dcn_node.metrics.STAGES).
+_ENGINE_STAGES = ("preprocessing", "lung_segmentation", "dcn", "spm", "postprocessing")
 
 
 class ModelWorker:
@@ -35,6 +43,12 @@ class ModelWorker:
     on_result:
         Optional next stage after a successful analysis; it finishes the job. Without
         one, the job is done once ``summary.json`` and ``masks.npz`` are written.
+    on_timing, on_finished, on_engine_loaded:
+        Optional observers (metrics, the per-series summary): stage timings, jobs this
+        worker finished, the engine once loaded.
+
+    The engine is loaded when the thread starts, so readiness can report the model; if
+    that fails, each job tries again and fails with the reason.
     """
 
     def __init__(
@@ -44,18 +58,46 @@ class ModelWorker:
         *,
         poll_seconds: float = 0.5,
         on_result: ResultHandler | None = None,
+        on_timing: TimingCallback | None = None,
+        on_finished: FinishedCallback | None = None,
+        on_engine_loaded: Callable[[object], None] | None = None,
     ) -> None:
         self.spool = spool
         self._engine_factory = engine_factory
         self._engine: object | None = None
+        #: Why the engine could not be loaded (None: loaded, or not tried yet).
+        self.engine_error: str | None = None
         self._poll_seconds = poll_seconds
         self._on_result = on_result
+        self._on_timing = on_timing
+        self._on_finished = on_finished
+        self._on_engine_loaded = on_engine_loaded
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def engine_loaded(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _load_engine(self) -> object:
+        if self._engine is None:
+            try:
+                self._engine = self._engine_factory()
+            except Exception as exc:
+                self.engine_error = f"{type(exc).__name__}: {exc}"[:500]
+                raise
+            self.engine_error = None
+            if self._on_engine_loaded is not None:
+                self._on_engine_loaded(self._engine)
+        return self._engine
 
     def wake(self) -> None:
         """A job was queued: look now rather than at the next poll."""
@@ -67,6 +109,10 @@ class ModelWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._load_engine()
+        except Exception:  # the node still receives; jobs fail with the reason
+            LOGGER.exception("Model not loaded: %s", self.engine_error)
         while not self._stop.is_set():
             job = self.spool.claim_next_job()
             if job is None:
@@ -84,12 +130,16 @@ class ModelWorker:
                     job.generation)
         study, series = job.study_instance_uid, job.series_instance_uid
         try:
-            if self._engine is None:
-                self._engine = self._engine_factory()
+            engine = self._load_engine()
             self.spool.record_event(study, series, job.generation, "inference_start")
             instances = self.spool.series_instances(study, series)
+            started = time.perf_counter()
             volume = load_series([i.path for i in instances])
-            result = self._engine.analyze(volume)  # type: ignore[attr-defined]
+            self._timing("volume_load", time.perf_counter() - started)
+            result = engine.analyze(volume)  # type: ignore[attr-defined]
+            for stage in _ENGINE_STAGES:
+                if stage in result.timings:
+                    self._timing(stage, result.timings[stage])
             out_dir = self.spool.results_dir(job)
             summary = write_analysis(out_dir, volume, result)
             self.spool.record_event(study, series, job.generation, "inference_end",
@@ -98,12 +148,20 @@ class ModelWorker:
             reason = f"{type(exc).__name__}: {exc}"[:500]
             LOGGER.exception("Series %s failed: %s", series, reason)
             self.spool.finish_job(job, "failed", reason)
+            if self._on_finished is not None:
+                self._on_finished(job, "failed", reason)
             return
         LOGGER.info("Series %s analyzed: probability %.3f, %s in %.1f s", series,
                     summary["probability"], "positive" if summary["positive"] else "negative",
                     summary["seconds"])
         if self._on_result is None:
             self.spool.finish_job(job, "done")
+            if self._on_finished is not None:
+                self._on_finished(job, "done", None)
         else:
             # The encode stage finishes the job once its results are recorded.
             self._on_result(job, volume, result, out_dir)
+
+    def _timing(self, stage: str, seconds: float) -> None:
+        if self._on_timing is not None:
+            self._on_timing(stage, seconds)

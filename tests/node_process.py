@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,8 +20,11 @@ from tests.conftest import NODE_AET, free_port, test_config, wait_for
 class NodeProcess:
     """`python -m dcn_node serve` with a config in ``workdir``; logs to a file."""
 
-    def __init__(self, workdir: Path, **sections: dict) -> None:
+    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None,
+                 **sections: dict) -> None:
         self.workdir = workdir
+        #: Extra environment of the child (e.g. NOTIFY_SOCKET).
+        self.env = env or {}
         self.port = free_port()
         config = test_config(
             workdir / "spool", node={"port": self.port}, completion={"quiet_seconds": 2.0},
@@ -38,6 +42,7 @@ class NodeProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
+            env={**os.environ, **self.env},
         )
         log.close()
         wait_for(self._answers_echo, timeout=30, interval=0.2)

@@ -84,6 +84,9 @@ class LungDcnOutput:
     slice_probability: torch.Tensor  # (N,), 0 where skipped
     lesion_probability: torch.Tensor  # (N, S, S), 0 where skipped
     attention: list[torch.Tensor]  # four (N, h_k, w_k), 0 where skipped
+    #: Seconds spent in the lung U-Net and in the DCN (outputs copied back included).
+    lung_seconds: float = 0.0
+    dcn_seconds: float = 0.0
 
 
 def run_lung_then_dcn(
@@ -100,11 +103,14 @@ def run_lung_then_dcn(
     slice, then the DCN on the lung-masked slices that have lung. Used by the engine and
     by training (slice probabilities for the SPM)."""
     slices, size = image.shape[0], image.shape[-1]
+    started = time.perf_counter()
     lung_prob = torch.empty((slices, size, size))
     for start in range(0, slices, batch_size):
         with context():
             logits = lung_model(prepare(image[start:start + batch_size, None]))
         lung_prob[start:start + len(logits)] = torch.sigmoid(logits.float())[:, 0].cpu()
+    lung_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     lung = lung_prob >= threshold
     keep = torch.nonzero(lung.flatten(1).any(1)).flatten()
     slice_prob = torch.zeros(slices)
@@ -118,7 +124,8 @@ def run_lung_then_dcn(
         lesion_prob[index] = torch.sigmoid(out.segmentation.float())[:, 0].cpu()
         for k, alpha in enumerate(out.attention):
             attention[k][index] = alpha.float()[:, 0].cpu()
-    return LungDcnOutput(lung_prob, keep, slice_prob, lesion_prob, attention)
+    return LungDcnOutput(lung_prob, keep, slice_prob, lesion_prob, attention,
+                         lung_seconds, time.perf_counter() - started)
 
 
 class Engine:
@@ -183,30 +190,36 @@ class Engine:
 
     @torch.inference_mode()
     def analyze(self, volume: Volume) -> AnalysisResult:
+        """Run the three networks on ``volume``. ``timings`` of the result holds the seconds
+        of each stage: preprocessing (window, resize), lung_segmentation, dcn, spm and
+        postprocessing (masks back to the volume's geometry)."""
         started = time.perf_counter()
         timings: dict[str, float] = {}
         size = self.profile.input_size
         slices, rows, columns = volume.hu.shape
         image = resize_images(torch.from_numpy(window(volume.hu)), size)  # (n, S, S)
+        timings["preprocessing"] = time.perf_counter() - started
 
-        mark = time.perf_counter()
         out = run_lung_then_dcn(
             self.lung_model, self.dcn, image, batch_size=self.batch_size,
             prepare=self._prepare, context=self._context, threshold=self.threshold,
         )
-        timings["lung+dcn"] = time.perf_counter() - mark
+        timings["lung_segmentation"] = out.lung_seconds
+        timings["dcn"] = out.dcn_seconds
 
+        mark = time.perf_counter()
         kept = out.slice_probability[out.lung_slices] if len(out.lung_slices) \
             else torch.zeros(1)
         logit = self.spm(kept.to(self.device))
         probability = float(torch.sigmoid(logit.float()).item())
+        timings["spm"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         lung = probabilities_to_shape(out.lung_probability, (rows, columns)) >= self.threshold
         lesion = (
             probabilities_to_shape(out.lesion_probability, (rows, columns)) >= self.threshold
         ) & lung
-        timings["resize"] = time.perf_counter() - mark
+        timings["postprocessing"] = time.perf_counter() - mark
         return AnalysisResult(
             lung=lung.numpy(),
             lesion=lesion.numpy(),
