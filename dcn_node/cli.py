@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dcn_node import __version__
-from dcn_node.config import DEFAULT_CONFIG_PATH, Settings, load_config
+from dcn_node.config import DEFAULT_CONFIG_PATH, Settings, load_config, security_warnings
 from dcn_node.errors import ConfigError
 from dcn_node.logs import configure_logging
 
@@ -37,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.logging.level, settings.logging.format)
+    for warning in security_warnings(settings, args.config or DEFAULT_CONFIG_PATH):
+        logging.getLogger("dcn_node.config").warning("%s", warning)
     Node(settings).serve_forever()
     return 0
 
@@ -72,6 +74,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  spool {settings.storage.spool_dir.resolve()} (fsync {settings.storage.fsync})")
     for dest in settings.destinations:
         print(f"  sends to {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}")
+    for warning in security_warnings(settings, args.config or DEFAULT_CONFIG_PATH):
+        print(f"  WARNING: {warning}")
     return 0
 
 

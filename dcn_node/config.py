@@ -31,6 +31,24 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ScpTlsSettings(_Frozen):
+    """DICOM over TLS for the Storage SCP (TLS 1.2 or newer only)."""
+
+    #: Our certificate (PEM, with its chain) and its private key.
+    cert_file: Path
+    key_file: Path
+    #: CA bundle that signs the certificates of peers allowed in (mutual TLS).
+    ca_file: Path | None = None
+    #: Refuse peers without a certificate signed by ``ca_file``.
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _ca_for_client_certs(self) -> ScpTlsSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA of allowed peers)")
+        return self
+
+
 class NodeSettings(_Frozen):
     """The Storage SCP: who we are and who may talk to us."""
 
@@ -46,14 +64,21 @@ class NodeSettings(_Frozen):
     max_associations: Annotated[int, Field(ge=1, le=256)] = 16
     #: Largest P-DATA PDU we accept; 0 means no limit. Large PDUs cut per-PDU overhead.
     maximum_pdu_size: Annotated[int, Field(ge=0)] = 0
+    #: Largest dataset one C-STORE may carry; a larger one is cut off while it arrives
+    #: (the association is aborted) or answered 0xC000. Bounds memory per association.
+    max_dataset_bytes: Annotated[int, Field(ge=1024)] = 1 << 30
+    #: DICOM over TLS (off when absent): the port then speaks TLS only.
+    tls: ScpTlsSettings | None = None
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     #: On SIGTERM: in-flight C-STOREs, the model run and deliveries get this long to end.
     shutdown_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
-    #: Faster pynetdicom transport: short polling sleeps while busy, bulk socket reads
-    #: (see dcn_node/transport_tuning.py).
-    transport_tuning: bool = True
+    #: Short polling sleeps while a peer is sending (see dcn_node/transport_tuning.py).
+    #: Off by default: with 8 concurrent associations on 2 cores, 3 of 10 load runs had a
+    #: C-STORE answered after the sender's 30 s DIMSE timeout with it on, 0 of 6 with it
+    #: off (tests/test_load.py, docs/robustness.md). Bulk socket reads are always on.
+    transport_tuning: bool = False
 
 
 class StorageSettings(_Frozen):
@@ -290,6 +315,30 @@ class Settings(_Frozen):
         if duplicates:
             raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
         return value
+
+
+def security_warnings(settings: Settings, config_path: Path | None) -> list[str]:
+    """Problems with how secrets are kept: private keys, or a config file that names them,
+    readable by other users. Logged as warnings at start and by ``check-config``."""
+    warnings = []
+    keys = [d.tls.key_file for d in settings.destinations if d.tls and d.tls.key_file]
+    if settings.node.tls is not None:
+        keys.append(settings.node.tls.key_file)
+    if config_path is not None and keys and _others_can_read(config_path):
+        warnings.append(f"{config_path} names private keys and is readable by other users "
+                        f"(chmod 640 or 600)")
+    for key in keys:
+        if _others_can_read(key, group=True):
+            warnings.append(f"private key {key} is readable by group or others (chmod 600)")
+    return warnings
+
+
+def _others_can_read(path: Path, *, group: bool = False) -> bool:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return bool(mode & (0o044 if group else 0o004))
 
 
 def _format_errors(error: ValidationError) -> list[str]:

@@ -22,4 +22,12 @@ class SpoolWriteError(DcnNodeError):
 
 
 class InvalidInstanceError(DcnNodeError):
-    """A received dataset cannot be parsed or lacks what the node needs to file it."""
+    """A received dataset cannot be parsed or lacks what the node needs to file it.
+
+    ``code`` is a short fixed name of the problem (a metrics label): ``unparsable``,
+    ``missing_uid``, ``no_pixel_data``, ``truncated`` or ``undecodable``.
+    """
+
+    def __init__(self, message: str, code: str = "unparsable") -> None:
+        super().__init__(message)
+        self.code = code

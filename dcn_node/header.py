@@ -44,6 +44,8 @@ _KEYWORDS = [
     "Rows",
     "Columns",
     "PixelSpacing",
+    "SamplesPerPixel",
+    "BitsAllocated",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
 ]
@@ -202,8 +204,10 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
             for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
         }
         missing = [k for k, v in uids.items() if not v]
+        if len(missing) == len(uids):
+            raise InvalidInstanceError("not a DICOM dataset: none of its UIDs found")
         if missing:
-            raise InvalidInstanceError(f"missing {', '.join(missing)}")
+            raise InvalidInstanceError(f"missing {', '.join(missing)}", "missing_uid")
         frames = int(values.number("NumberOfFrames") or 1)
         if "PerFrameFunctionalGroupsSequence" in ds:
             positions, orientation, spacing, thickness = _frame_geometry(ds)
@@ -242,33 +246,119 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
 
 
 def read_header(
-    encoded: bytes | memoryview | BinaryIO, transfer_syntax_uid: str
+    encoded: bytes | memoryview | BinaryIO, transfer_syntax_uid: str, *,
+    check_pixel_data: bool = False, max_inflated_bytes: int | None = None,
 ) -> InstanceHeader:
     """Parse the header of a dataset as received in a C-STORE (no file meta).
 
     ``encoded`` may be the bytes or a seekable binary stream positioned at the start of
-    the dataset (the C-STORE's own buffer: no copy of the pixel data is made).
+    the dataset (the C-STORE's own buffer: no copy of the pixel data is made). With
+    ``check_pixel_data`` the Pixel Data element is also checked for presence and length
+    (its value is not read: native data must be as long as Rows x Columns x frames x
+    BitsAllocated needs, encapsulated fragments must end with their delimiter). A deflated
+    dataset is inflated up to ``max_inflated_bytes`` at most (a deflate bomb is refused).
 
     Raises
     ------
     InvalidInstanceError
-        If the bytes are not a parsable dataset or miss the UIDs needed to file it.
+        If the bytes are not a parsable dataset, miss the UIDs needed to file it, or
+        (when checked) have no, or truncated, pixel data.
     """
     try:
         if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
             raw = encoded.read() if hasattr(encoded, "read") else bytes(encoded)
-            stream: BinaryIO = BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw))
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            inflated = inflater.decompress(raw, max_inflated_bytes or 0)
+            if inflater.unconsumed_tail:
+                raise InvalidInstanceError(
+                    f"deflated dataset inflates past {max_inflated_bytes} bytes",
+                    "dataset_too_large")
+            stream: BinaryIO = BytesIO(inflated)
         elif hasattr(encoded, "read"):
             stream = encoded  # type: ignore[assignment]
         else:
             stream = BytesIO(encoded)  # type: ignore[arg-type]
         implicit = transfer_syntax_uid == ImplicitVRLittleEndian
         ds = read_dataset(stream, implicit, True, stop_when=_stop_at_pixels, specific_tags=_TAGS)
+    except InvalidInstanceError:
+        raise
     except Exception as exc:
         raise InvalidInstanceError(
             f"dataset cannot be parsed: {type(exc).__name__}: {exc}"
         ) from exc
-    return header_from_dataset(ds)
+    header = header_from_dataset(ds)
+    if check_pixel_data:
+        problem = pixel_data_problem(stream, ds, header.number_of_frames, implicit)
+        if problem is not None:
+            code = "no_pixel_data" if problem == "no Pixel Data" else "truncated"
+            raise InvalidInstanceError(problem, code)
+    return header
+
+
+_PIXEL_DATA = 0x7FE00010
+_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+
+
+def pixel_data_problem(stream: BinaryIO, ds: Dataset, frames: int, implicit: bool) -> str | None:
+    """What is wrong with the Pixel Data element at the stream's position (where
+    :func:`read_header` stopped), or None. Reads element and item headers only."""
+    start = stream.tell()
+    end = stream.seek(0, 2)
+    stream.seek(start)
+    try:
+        head = stream.read(12 if not implicit else 8)
+        if len(head) < 8:
+            return "no Pixel Data"
+        group, element = struct.unpack("<HH", head[:4])
+        if (group << 16 | element) != _PIXEL_DATA:
+            return "no Pixel Data"
+        if implicit:
+            length, offset = struct.unpack("<I", head[4:8])[0], 8
+        elif head[4:6] in (b"OB", b"OW", b"UN", b"OF", b"OD", b"OL", b"OV"):
+            if len(head) < 12:
+                return "Pixel Data truncated in its element header"
+            length, offset = struct.unpack("<I", head[8:12])[0], 12
+        else:
+            length, offset = struct.unpack("<H", head[6:8])[0], 8
+        value_start = start + offset
+        if length == 0xFFFFFFFF:
+            return _fragments_problem(stream, value_start, end)
+        if value_start + length > end:
+            return (f"Pixel Data truncated: {length} bytes declared, "
+                    f"{end - value_start} present")
+        values = _Values(ds)
+        rows, columns = values.unsigned_short("Rows"), values.unsigned_short("Columns")
+        bits = values.unsigned_short("BitsAllocated")
+        samples = values.unsigned_short("SamplesPerPixel") or 1
+        if rows and columns and bits:
+            needed = (rows * columns * frames * samples * bits + 7) // 8
+            if length < needed:
+                return (f"Pixel Data holds {length} bytes; {rows}x{columns}x{frames} frames "
+                        f"of {bits} bits need {needed}")
+        return None
+    finally:
+        stream.seek(start)
+
+
+def _fragments_problem(stream: BinaryIO, position: int, end: int) -> str | None:
+    """Walk the items of encapsulated pixel data up to the sequence delimiter."""
+    stream.seek(position)
+    fragments = -1  # the first item is the basic offset table
+    while True:
+        head = stream.read(8)
+        if len(head) < 8:
+            return f"encapsulated Pixel Data truncated after {max(fragments, 0)} fragment(s)"
+        group, element, length = struct.unpack("<HHI", head)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER:
+            return None if fragments > 0 else "encapsulated Pixel Data has no fragments"
+        if tag != _ITEM:
+            return f"encapsulated Pixel Data: unexpected tag ({group:04X},{element:04X})"
+        if stream.tell() + length > end:
+            return (f"encapsulated Pixel Data truncated in fragment {fragments + 1}: "
+                    f"{length} bytes declared, {end - stream.tell()} present")
+        stream.seek(length, 1)
+        fragments += 1
 
 
 def read_header_from_file(path: Path) -> tuple[InstanceHeader, str]:

@@ -51,6 +51,19 @@ REFUSAL_REASONS = ("called_ae", "calling_ae", "host", "shutting_down", "backpres
 CSTORE_STATUSES = {0x0000: "0x0000", 0xA700: "0xA700", 0xA900: "0xA900", 0xC000: "0xC000"}
 #: ``outcome`` of dcn_series_total.
 SERIES_OUTCOMES = ("completed", "ignored", "rejected", "processed", "failed")
+#: ``reason`` of dcn_bad_input_total: instances refused at the C-STORE or cut off while
+#: arriving, and series rejected or ignored at completion or failed while being read.
+BAD_INPUT_REASONS = (
+    # instances (C-STORE answered 0xC000 / 0xA900, or the association aborted)
+    "unparsable", "missing_uid", "uid_mismatch", "no_pixel_data", "truncated",
+    "dataset_too_large", "pdu_too_large",
+    # series (completion: rejected or ignored; model worker: failed while reading)
+    "localizer", "not_ct", "mixed_geometry", "missing_geometry", "not_axial",
+    "missing_position", "too_few_slices", "two_acquisitions", "duplicate_positions", "gap",
+    "not_selected", "undecodable",
+)
+#: ``reason`` of dcn_series_failed_total.
+FAILURE_REASONS = ("undecodable", "out_of_memory", "model_error", "encoding_error")
 #: ``stage`` of dcn_inference_stage_seconds.
 STAGES = ("volume_load", "preprocessing", "lung_segmentation", "dcn", "spm", "postprocessing",
           "encoding")
@@ -195,6 +208,14 @@ class NodeMetrics:
             "dcn_series_total",
             "Series by outcome: completed (assessed), ignored, rejected, processed "
             "(results recorded), failed (model or encoding).", ["outcome"], registry=r)
+        self.bad_input = Counter(
+            "dcn_bad_input_total",
+            "Input refused, rejected or ignored for what it holds, by reason: instances "
+            "(C-STORE failure status or association cut off) and series (at completion or "
+            "while read for the model).", ["reason"], registry=r)
+        self.series_failed = Counter(
+            "dcn_series_failed_total", "Series failed in the model worker or encoder, by "
+            "reason.", ["reason"], registry=r)
         self.stage_seconds = Histogram(
             "dcn_inference_stage_seconds", "Seconds per series spent in each stage.",
             ["stage"], buckets=STAGE_BUCKETS, registry=r)
@@ -222,6 +243,10 @@ class NodeMetrics:
             self.cstore_responses.labels(status)
         for outcome in SERIES_OUTCOMES:
             self.series.labels(outcome)
+        for reason in BAD_INPUT_REASONS:
+            self.bad_input.labels(reason)
+        for reason in FAILURE_REASONS:
+            self.series_failed.labels(reason)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for name, kinds in destinations.items():
@@ -254,6 +279,19 @@ class NodeMetrics:
         if outcome not in SERIES_OUTCOMES:
             raise ValueError(f"unknown series outcome {outcome!r}")
         self.series.labels(outcome).inc()
+
+    def record_bad_input(self, reason: str | None) -> None:
+        """An instance or series was refused, rejected or ignored for ``reason`` (a code
+        of :data:`BAD_INPUT_REASONS`; others are dropped so the label set stays fixed)."""
+        if reason in BAD_INPUT_REASONS:
+            self.bad_input.labels(reason).inc()
+        else:
+            LOGGER.debug("Bad input reason %r not exported", reason)
+
+    def record_failure(self, reason: str) -> None:
+        """A series failed; ``reason`` outside :data:`FAILURE_REASONS` counts as
+        ``model_error``."""
+        self.series_failed.labels(reason if reason in FAILURE_REASONS else "model_error").inc()
 
     def record_stage(self, stage: str, seconds: float) -> None:
         """Time spent in one stage on one series (stages not in :data:`STAGES` are

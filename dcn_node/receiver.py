@@ -11,8 +11,19 @@ what went wrong                        status  meaning
 =====================================  ======  ==============================
 spool write failed, disk (nearly) full 0xA700  Refused: Out of Resources
 dataset cannot be parsed / lacks UIDs  0xC000  Error: Cannot understand
+no or truncated Pixel Data             0xC000  Error: Cannot understand
+dataset over node.max_dataset_bytes    0xC000  (or the association aborted
+                                               while it arrives: limits.py)
 dataset UIDs differ from the request   0xA900  Error: Data Set does not match
 =====================================  ======  ==============================
+
+A refused instance is not acknowledged, so the sender keeps it and reports the failure;
+the node logs the reason and counts it (``dcn_bad_input_total{reason}``).
+
+Transfer syntaxes are offered only when pydicom has a working decoder for them (the
+pylibjpeg plugins), so data the node could not decode is refused at negotiation rather
+than accepted and failed later. With ``node.tls`` the port speaks DICOM over TLS only
+(TLS 1.2 or newer; peer certificates checked against ``node.tls.ca_file``).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import ssl
 import struct
 import threading
 import time
@@ -28,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -42,16 +55,16 @@ from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dcn_node import __version__, transport_tuning
-from dcn_node.config import Settings
+from dcn_node import __version__, limits, transport_tuning
+from dcn_node.config import ScpTlsSettings, Settings
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, read_header
 from dcn_node.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
 
-#: Transfer syntaxes we accept: the uncompressed ones and the lossless compressed ones the
-#: installed pylibjpeg plugins (libjpeg, openjpeg, rle) can decode.
+#: Transfer syntaxes we may accept: the uncompressed ones and the lossless compressed ones
+#: the pylibjpeg plugins (libjpeg, openjpeg, rle) decode; see accepted_transfer_syntaxes().
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -62,6 +75,36 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 STORAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """:data:`TRANSFER_SYNTAXES` less the compressed ones no installed decoder handles."""
+    accepted = []
+    for uid in TRANSFER_SYNTAXES:
+        if uid.is_compressed:
+            try:
+                available = get_decoder(uid).is_available
+            except NotImplementedError:
+                available = False
+            if not available:
+                LOGGER.warning("Not accepting %s (%s): no pixel data decoder installed",
+                               uid.name, uid)
+                continue
+        accepted.append(str(uid))
+    return accepted
+
+
+def scp_ssl_context(tls: ScpTlsSettings) -> ssl.SSLContext:
+    """Server-side TLS context: TLS 1.2+, our certificate, peers checked against ca_file."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH,
+                                         cafile=str(tls.ca_file) if tls.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else (
+        ssl.CERT_OPTIONAL if tls.ca_file else ssl.CERT_NONE)
+    return context
+
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -143,6 +186,8 @@ StoredCallback = Callable[[InstanceHeader, str], None]
 AssociationCallback = Callable[[str | None], None]
 #: Callback told about every C-STORE response: (status, bytes stored; 0 unless Success).
 StoreStatusCallback = Callable[[int, int], None]
+#: Callback told the reason code of every instance refused for its content (metrics).
+BadInputCallback = Callable[[str], None]
 
 #: pynetdicom's own rejections (A-ASSOCIATE-RJ result, source, diagnostic) -> refusal code.
 _PYNETDICOM_REJECTIONS = {(0x01, 0x01, 0x07): "called_ae", (0x02, 0x03, 0x02): "max_associations"}
@@ -177,6 +222,7 @@ class StorageSCP:
         on_stored: StoredCallback | None = None,
         on_association: AssociationCallback | None = None,
         on_store_status: StoreStatusCallback | None = None,
+        on_bad_input: BadInputCallback | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -184,6 +230,7 @@ class StorageSCP:
         self._on_stored = on_stored
         self._on_association = on_association
         self._on_store_status = on_store_status
+        self._on_bad_input = on_bad_input
         self._server: ThreadedAssociationServer | None = None
         self._accepting = threading.Event()
         self._allowed_aets = {a.strip() for a in settings.node.allowed_calling_aets}
@@ -203,15 +250,24 @@ class StorageSCP:
         # Called AE title must be ours; calling AE / host allowlists are checked in
         # _on_requested so that every refusal is logged with its reason.
         ae.require_called_aet = True
+        syntaxes = accepted_transfer_syntaxes()
         for sop_class in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+            ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(Verification)
+        limits.set_limits(ae, node.maximum_pdu_size, node.max_dataset_bytes,
+                          self._bad_input)
         return ae
+
+    def _bad_input(self, code: str) -> None:
+        if self._on_bad_input is not None:
+            self._on_bad_input(code)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         """Start listening (returns at once; associations run on their own threads)."""
+        # Bulk reads always: they carry the PDU length limit (dcn_node/limits.py).
+        transport_tuning.install_bulk_recv()
         if self.settings.node.transport_tuning:
             transport_tuning.install()
         node = self.settings.node
@@ -222,15 +278,17 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        context = scp_ssl_context(node.tls) if node.tls is not None else None
         self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers
+            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=context
         )
         self._accepting.set()
         LOGGER.info(
-            "Storage SCP %s listening on %s:%d (pynetdicom %s, max %d associations)",
+            "Storage SCP %s listening on %s:%d%s (pynetdicom %s, max %d associations)",
             node.ae_title,
             node.host,
             self.port,
+            " over TLS" if context is not None else "",
             pynetdicom_version,
             node.max_associations,
         )
@@ -341,16 +399,25 @@ class StorageSCP:
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
         # The dataset as received, in pynetdicom's own buffer: parsed and written in place.
         stream = request.DataSet
+        size = stream.seek(0, 2)
         stream.seek(0)
+        limit = self.settings.node.max_dataset_bytes
+        if size > limit:
+            reason = f"dataset of {size} bytes exceeds node.max_dataset_bytes ({limit})"
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, sop_instance_uid, calling_ae, reason,
+                                "dataset_too_large")
         try:
-            header = read_header(stream, transfer_syntax)
+            header = read_header(stream, transfer_syntax, check_pixel_data=True,
+                                 max_inflated_bytes=limit)
         except InvalidInstanceError as exc:
-            return self._refuse(STATUS_CANNOT_UNDERSTAND, sop_instance_uid, calling_ae, str(exc))
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, sop_instance_uid, calling_ae, str(exc),
+                                exc.code)
         if header.sop_instance_uid != sop_instance_uid or header.sop_class_uid != str(
             request.AffectedSOPClassUID
         ):
             reason = "dataset SOP Class/Instance UID differs from the C-STORE request"
-            return self._refuse(STATUS_DATASET_MISMATCH, sop_instance_uid, calling_ae, reason)
+            return self._refuse(STATUS_DATASET_MISMATCH, sop_instance_uid, calling_ae, reason,
+                                "uid_mismatch")
         free = self._free_bytes()
         if free < self.settings.storage.min_free_bytes:
             reason = f"spool has {free} bytes free, below storage.min_free_bytes"
@@ -379,11 +446,15 @@ class StorageSCP:
             self._on_store_status(STATUS_SUCCESS, size)
         return STATUS_SUCCESS
 
-    def _refuse(self, status: int, sop_instance_uid: str, calling_ae: str, reason: str) -> Dataset:
-        """Log why a C-STORE failed and build its failure status (ErrorComment = reason)."""
+    def _refuse(self, status: int, sop_instance_uid: str, calling_ae: str, reason: str,
+                code: str | None = None) -> Dataset:
+        """Log why a C-STORE failed and build its failure status (ErrorComment = reason);
+        ``code`` names a refusal for the instance's content (counted as bad input)."""
         log = LOGGER.error if status == STATUS_OUT_OF_RESOURCES else LOGGER.warning
         log("C-STORE of %s from %s answered 0x%04X: %s", sop_instance_uid, calling_ae, status,
             reason)
+        if code is not None:
+            self._bad_input(code)
         if self._on_store_status is not None:
             self._on_store_status(status, 0)
         return _status(status, reason)

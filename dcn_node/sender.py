@@ -73,6 +73,7 @@ def tls_context(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
     context = ssl.create_default_context(
         ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
     )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.cert_file is not None:
         context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
     return context, tls.server_hostname or destination.host

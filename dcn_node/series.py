@@ -38,6 +38,8 @@ class Assessment:
 
     state: str  # "queued", "ignored" or "rejected"
     reason: str | None
+    #: Short fixed name of the reason (a metrics label, see metrics.BAD_INPUT_REASONS).
+    code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,11 @@ def validate(instances: list[StoredInstance], settings: CompletionSettings) -> A
     """
     headers = [i.header for i in instances]
     if _is_localizer(instances):
-        return Assessment("ignored", "localizer/scout series")
+        return Assessment("ignored", "localizer/scout series", "localizer")
     modalities = {h.modality for h in headers}
     if modalities != {"CT"}:
         return Assessment(
-            "ignored", f"modality {'/'.join(sorted(modalities)) or 'missing'}, not CT"
+            "ignored", f"modality {'/'.join(sorted(modalities)) or 'missing'}, not CT", "not_ct"
         )
     for name, values in (
         ("Rows/Columns", {(h.rows, h.columns) for h in headers}),
@@ -127,22 +129,26 @@ def validate(instances: list[StoredInstance], settings: CompletionSettings) -> A
         ("FrameOfReferenceUID", {h.frame_of_reference_uid for h in headers}),
     ):
         if len(values) > 1:
-            return Assessment("rejected", f"mixed {name} within the series ({len(values)} values)")
+            return Assessment("rejected", f"mixed {name} within the series ({len(values)} values)",
+                              "mixed_geometry")
         if None in values or "" in values:
-            return Assessment("rejected", f"{name} missing")
+            return Assessment("rejected", f"{name} missing", "missing_geometry")
     orientation = headers[0].image_orientation
     assert orientation is not None  # checked above
     normal = slice_normal(orientation)
     if abs(normal[2]) < 1.0 - settings.axial_tolerance:
-        return Assessment("rejected", "not axial (slice normal is not along the patient z axis)")
+        return Assessment("rejected", "not axial (slice normal is not along the patient z axis)",
+                          "not_axial")
     positions = _frames(instances)
     frame_total = sum(h.number_of_frames for h in headers)
     if len(positions) != frame_total:
-        return Assessment("rejected", "ImagePositionPatient missing on some slices")
+        return Assessment("rejected", "ImagePositionPatient missing on some slices",
+                          "missing_position")
     if frame_total < settings.min_slices:
         return Assessment(
             "rejected",
             f"{frame_total} slices, fewer than completion.min_slices ({settings.min_slices})",
+            "too_few_slices",
         )
     offsets = np.sort(np.asarray(positions) @ normal)
     steps = np.diff(offsets)
@@ -154,10 +160,12 @@ def validate(instances: list[StoredInstance], settings: CompletionSettings) -> A
                 "rejected",
                 f"series holds {len(acquisitions)} acquisitions over the same positions "
                 "(AcquisitionNumber differs); send them as separate series",
+                "two_acquisitions",
             )
-        return Assessment("rejected", f"{duplicates} duplicate slice position(s)")
+        return Assessment("rejected", f"{duplicates} duplicate slice position(s)",
+                          "duplicate_positions")
     if (gap := _largest_gap_problem(offsets, settings.max_gap_factor)) is not None:
-        return Assessment("rejected", gap)
+        return Assessment("rejected", gap, "gap")
     return None
 
 
@@ -258,5 +266,5 @@ class SeriesAssembler:
             return problem
         unselected = select(instances, self.selection)
         if unselected is not None:
-            return Assessment("ignored", f"not selected: {unselected}")
+            return Assessment("ignored", f"not selected: {unselected}", "not_selected")
         return Assessment("queued", None)

@@ -66,10 +66,15 @@ class Node:
     ----------
     settings:
         The validated configuration.
+    engine_factory:
+        Builds the inference engine (default: :class:`~dcn_node.inference.engine.Engine`
+        from ``inference.models_dir``); tests pass one that fails on purpose.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 engine_factory: Callable[[], object] | None = None) -> None:
         self.settings = settings
+        self._engine_factory = engine_factory
         self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
         self.outbox = Outbox(self.spool)
         self.metrics = NodeMetrics({d.name: d.kinds for d in settings.destinations},
@@ -79,7 +84,8 @@ class Node:
         self.assembler = SeriesAssembler(self.spool, settings.completion, settings.selection)
         self.receiver = StorageSCP(settings, self.spool, admission_check=self._admission,
                                    on_association=m.record_association,
-                                   on_store_status=m.record_store)
+                                   on_store_status=m.record_store,
+                                   on_bad_input=m.record_bad_input)
         self.encoder = ResultEncoder(settings, self.spool, self.outbox,
                                      on_recorded=self._wake_senders, on_timing=m.record_stage,
                                      on_finished=self._job_finished)
@@ -247,6 +253,10 @@ class Node:
         study, series = job.study_instance_uid, job.series_instance_uid
         if state == "failed":
             self.metrics.record_series("failed")
+            code = failure_code(reason)
+            self.metrics.record_failure(code)
+            if code == "undecodable":
+                self.metrics.record_bad_input(code)
             log_summary(build_summary(self.spool, study, series, job.generation, "failed",
                                       reason=reason))
             return
@@ -264,6 +274,8 @@ class Node:
                                   str(getattr(engine, "device", inference.device)))
 
     def _make_engine(self) -> object:
+        if self._engine_factory is not None:
+            return self._engine_factory()
         from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
 
         inference = self.settings.inference
@@ -279,6 +291,7 @@ class Node:
                 self.metrics.record_series("completed")
                 if assessment.state in ("ignored", "rejected"):
                     self.metrics.record_series(assessment.state)
+                    self.metrics.record_bad_input(assessment.code)
                     log_summary(build_summary(
                         self.spool, record.study_instance_uid, record.series_instance_uid,
                         record.generation, assessment.state, reason=assessment.reason))
@@ -326,6 +339,19 @@ class Node:
                        f"{self.receiver.port}")
         stop_requested.wait()
         self.stop()
+
+
+def failure_code(reason: str | None) -> str:
+    """The fixed reason code of a failed series (metrics label) from its recorded reason,
+    which starts with the exception's type (``encoding results: ...`` for the encoder)."""
+    text = reason or ""
+    if text.startswith("encoding results:"):
+        return "encoding_error"
+    if text.startswith("InvalidInstanceError"):
+        return "undecodable"
+    if text.startswith(("OutOfMemoryError", "MemoryError")) or "out of memory" in text.lower():
+        return "out_of_memory"
+    return "model_error"
 
 
 def _pending_ages(backlog: dict[str, Backlog], now: float) -> dict[str, float]:

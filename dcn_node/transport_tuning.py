@@ -21,6 +21,11 @@ Bulk reads
 ``AssociationSocket.recv`` reads 4096 bytes per ``socket.recv`` call and appends each chunk
 to a bytearray: ~37,000 Python-level calls for a 150 MB series. :func:`bulk_recv` reads
 straight into one preallocated buffer with ``recv_into``, as many bytes as the kernel has.
+The buffer grows with what arrives (at most :data:`MAX_PREALLOCATION_BYTES` ahead), never
+to the length a peer merely declares, and PDUs over the receiving AE's limit are refused
+before anything is read (:func:`dcn_node.limits.check_pdu_length`). The Storage SCP always
+installs the bulk reads for that reason (:func:`install_bulk_recv`); the polling change
+follows ``node.transport_tuning``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import pynetdicom.association
 import pynetdicom.dul
 import pynetdicom.transport
 
+from dcn_node.limits import check_pdu_length
+
 LOGGER = logging.getLogger(__name__)
 
 #: Sleep used instead of <= 1 ms polling sleeps while a transfer is active.
@@ -42,8 +49,12 @@ BUSY_SLEEP_SECONDS = 50e-6
 #: An association that received a PDU this recently counts as active.
 ACTIVE_WINDOW_SECONDS = 0.25
 
+#: The read buffer is allocated at most this far ahead of the bytes that arrived.
+MAX_PREALLOCATION_BYTES = 4 * 1024 * 1024
+
 _real_sleep = time.sleep
 _installed = False
+_bulk_installed = False
 
 
 def _recently_active(thread: threading.Thread) -> bool:
@@ -78,15 +89,19 @@ def adaptive_sleep(seconds: float) -> None:
 
 
 def bulk_recv(self: Any, nr_bytes: int) -> bytearray:
-    """Drop-in for ``AssociationSocket.recv``: same result, one buffer, big reads."""
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
+    """Drop-in for ``AssociationSocket.recv``: same result, one buffer, big reads; the
+    buffer grows with the data, and a PDU over the AE's limit is refused (OSError)."""
+    check_pdu_length(self, nr_bytes)
+    buffer = bytearray(min(nr_bytes, MAX_PREALLOCATION_BYTES))
     nr_read = 0
     while nr_read < nr_bytes:
-        count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+        if nr_read == len(buffer):
+            buffer.extend(bytes(min(nr_bytes - nr_read, max(len(buffer),
+                                                             MAX_PREALLOCATION_BYTES))))
+        with memoryview(buffer) as view:
+            count = self.socket.recv_into(view[nr_read:], len(buffer) - nr_read)
         if not count:
             # Connection closed: return what arrived, as pynetdicom does.
-            del view
             del buffer[nr_read:]
             return buffer
         nr_read += count
@@ -101,6 +116,14 @@ def _time_module_with(sleep: Any) -> types.ModuleType:
     shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
     shim.sleep = sleep  # type: ignore[attr-defined]
     return shim
+
+
+def install_bulk_recv() -> None:
+    """Install :func:`bulk_recv` (idempotent): big reads, bounded allocation, PDU limit."""
+    global _bulk_installed
+    if not _bulk_installed:
+        pynetdicom.transport.AssociationSocket.recv = bulk_recv  # type: ignore[method-assign]
+        _bulk_installed = True
 
 
 def install() -> bool:
@@ -128,15 +151,15 @@ def install() -> bool:
     shim = _time_module_with(adaptive_sleep)
     pynetdicom.association.time = shim  # type: ignore[attr-defined]
     pynetdicom.dul.time = shim  # type: ignore[attr-defined]
-    pynetdicom.transport.AssociationSocket.recv = bulk_recv  # type: ignore[method-assign]
+    install_bulk_recv()
     _installed = True
     return True
 
 
 def uninstall() -> None:
-    """Give pynetdicom back the real ``time`` module."""
-    global _installed
+    """Give pynetdicom back the real ``time`` module and its own socket reads."""
+    global _installed, _bulk_installed
     pynetdicom.association.time = time  # type: ignore[attr-defined]
     pynetdicom.dul.time = time  # type: ignore[attr-defined]
     pynetdicom.transport.AssociationSocket.recv = _original_recv  # type: ignore[method-assign]
-    _installed = False
+    _installed = _bulk_installed = False

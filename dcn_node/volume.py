@@ -21,6 +21,7 @@ from dcn_node.errors import InvalidInstanceError
 from dcn_node.header import first_item, header_from_dataset
 
 AIR_HU = -1024.0
+_EMPTY = np.empty((0, 0), np.float32)
 
 
 @dataclass
@@ -90,10 +91,12 @@ def load_series(files: Iterable[Path | str]) -> Volume:
             raise
         except Exception as exc:
             raise InvalidInstanceError(
-                f"{Path(path).name}: cannot decode: {type(exc).__name__}: {exc}"
+                f"{Path(path).name}: cannot decode: {type(exc).__name__}: {exc}",
+                "undecodable",
             ) from exc
         if not header.positions or header.image_orientation is None:
-            raise InvalidInstanceError(f"{header.sop_instance_uid}: no slice position")
+            raise InvalidInstanceError(f"{header.sop_instance_uid}: no slice position",
+                                       "missing_position")
         series_uids.add(header.series_instance_uid)
         orientation = np.asarray(header.image_orientation, dtype=float)
         if normal is None:
@@ -111,8 +114,17 @@ def load_series(files: Iterable[Path | str]) -> Volume:
         raise InvalidInstanceError(f"{len(series_uids)} series mixed in one volume")
     slices.sort(key=lambda item: item[0])
     first = slices[0][4]
+    # Copy slice by slice into one array, dropping each slice as it is copied: the
+    # series is held whole once (plus one instance), not twice as np.stack would.
+    hu = np.empty((len(slices), *slices[0][3].shape), np.float32)
+    for index, item in enumerate(slices):
+        if item[3].shape != hu.shape[1:]:
+            raise InvalidInstanceError(f"{item[1]}: matrix {item[3].shape} differs from "
+                                       f"{hu.shape[1:]}", "mixed_geometry")
+        hu[index] = item[3]
+        slices[index] = (item[0], item[1], item[2], _EMPTY, item[4])
     return Volume(
-        hu=np.stack([s[3] for s in slices]),
+        hu=hu,
         sop_instance_uids=[s[1] for s in slices],
         frame_numbers=[s[2] for s in slices],
         pixel_spacing=spacing or (1.0, 1.0),

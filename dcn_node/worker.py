@@ -147,6 +147,7 @@ class ModelWorker:
         except Exception as exc:  # any failure fails this job only; the reason is kept
             reason = f"{type(exc).__name__}: {exc}"[:500]
             LOGGER.exception("Series %s failed: %s", series, reason)
+            _release_memory()
             self.spool.finish_job(job, "failed", reason)
             if self._on_finished is not None:
                 self._on_finished(job, "failed", reason)
@@ -165,3 +166,15 @@ class ModelWorker:
     def _timing(self, stage: str, seconds: float) -> None:
         if self._on_timing is not None:
             self._on_timing(stage, seconds)
+
+
+def _release_memory() -> None:
+    """After a failed run (out of memory above all): drop what the run left cached, so
+    the next series starts from a clean allocator."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

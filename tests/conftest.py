@@ -128,18 +128,23 @@ def start_node(spool_dir: Path) -> Iterator[Callable[..., Node]]:
         node.stop(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Lite-profile weights straight from initialisation (seeded): the pipeline runs end
-    to end, deterministically, without depending on the shipped weights."""
+def make_untrained_models(out: Path) -> Path:
+    """Write lite-profile weights straight from initialisation (seeded) into ``out``."""
     import torch
 
     from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
     from dcn_node.training.trainer import TrainSettings, save_weights
 
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("models")
+    out.mkdir(parents=True, exist_ok=True)
     profile = PROFILES["lite"]
     save_weights(out, TrainSettings(profile="lite"), UNet(1, profile.unet_width).eval(),
                  DCN(profile).eval(), SliceProbabilityMapping().eval())
     return out
+
+
+@pytest.fixture(scope="session")
+def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Lite-profile weights straight from initialisation (seeded): the pipeline runs end
+    to end, deterministically, without depending on the shipped weights."""
+    return make_untrained_models(tmp_path_factory.mktemp("models"))

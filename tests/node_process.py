@@ -26,10 +26,9 @@ class NodeProcess:
         #: Extra environment of the child (e.g. NOTIFY_SOCKET).
         self.env = env or {}
         self.port = free_port()
-        config = test_config(
-            workdir / "spool", node={"port": self.port}, completion={"quiet_seconds": 2.0},
-            **sections,
-        )
+        sections["completion"] = {"quiet_seconds": 2.0, **sections.get("completion", {})}
+        sections["node"] = {**sections.get("node", {}), "port": self.port}
+        config = test_config(workdir / "spool", **sections)
         self.config_path = workdir / "node.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "node.log"
