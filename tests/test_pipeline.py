@@ -205,7 +205,7 @@ def test_results_wait_for_the_pacs_to_come_back(
     check_references(found, phantom)
     sent = outbox.deliveries(state="sent")
     assert sum(len(v) for v in found.values()) == len(sent)  # each object once
-    assert all(d.attempts >= 3 for d in sent)
+    assert all(d.attempts >= 2 for d in sent)  # failed at least once, then sent
 
 
 def test_kill_9_before_results_are_sent_then_restart(
