@@ -290,11 +290,3 @@ class Outbox:
             (study, series, generation),
         )
         return int(rows[0][0])
-
-    def result_set_done(self, result_set_id: int) -> bool:
-        """True when no delivery of the set is pending any more."""
-        rows = self.spool.query(
-            "SELECT COUNT(*) FROM deliveries WHERE result_set_id=? AND state='pending'",
-            (result_set_id,),
-        )
-        return rows[0][0] == 0

@@ -168,16 +168,14 @@ class DestinationSender:
         try:
             assoc = self._associate(todo, datasets)
         except TransientError as exc:
-            for delivery in todo:
-                self._retry(delivery, str(exc))
+            self._retry_together(todo, str(exc))
             return
         try:
             for index, delivery in enumerate(todo):
-                if self._stop.is_set() or not assoc.is_established:
-                    reason = "association ended early" if not self._stop.is_set() else None
-                    for rest in todo[index:]:
-                        if reason:
-                            self._retry(rest, reason)
+                if self._stop.is_set():
+                    return  # what is left stays pending for the next start
+                if not assoc.is_established:
+                    self._retry_together(todo[index:], "association ended early")
                     return
                 self._send_one(assoc, delivery, datasets[delivery.delivery_id])
         finally:
@@ -261,16 +259,31 @@ class DestinationSender:
     # -- outcomes ----------------------------------------------------------------------
 
     def _retry(self, delivery: Delivery, error: str) -> None:
-        age = time.time() - delivery.created_at
-        if age >= self.settings.max_age_seconds:
-            self._dead(delivery, f"undelivered for {age / 3600:.1f} h; last error: {error}")
+        self._retry_together([delivery], error)
+
+    def _retry_together(self, deliveries: list[Delivery], error: str) -> None:
+        """Schedule the next attempt of objects that failed together at one time (one
+        jitter draw), so that they go out again over one association."""
+        now = time.time()
+        waiting = []
+        for delivery in deliveries:
+            age = now - delivery.created_at
+            if age >= self.settings.max_age_seconds:
+                self._dead(delivery, f"undelivered for {age / 3600:.1f} h; last error: "
+                                     f"{error}")
+            else:
+                waiting.append(delivery)
+        if not waiting:
             return
-        delay = backoff_seconds(delivery.attempts + 1, self.settings, self._rng)
-        self.outbox.mark_retry(delivery, error, time.time() + delay)
-        self._outcome(delivery, "retry")
-        LOGGER.warning("Sender %s: %s %s of series %s not delivered (%s); retry in %.0f s",
-                       self.destination.name, delivery.kind, delivery.sop_instance_uid,
-                       delivery.series_instance_uid, error, delay)
+        attempts = max(d.attempts for d in waiting) + 1
+        delay = backoff_seconds(attempts, self.settings, self._rng)
+        for delivery in waiting:
+            self.outbox.mark_retry(delivery, error, now + delay)
+            self._outcome(delivery, "retry")
+        first = waiting[0]
+        LOGGER.warning("Sender %s: %d object(s) of series %s not delivered (%s); retry in "
+                       "%.0f s", self.destination.name, len(waiting),
+                       first.series_instance_uid, error, delay)
 
     def _dead(self, delivery: Delivery, reason: str) -> None:
         self.outbox.mark_dead(delivery, reason)

@@ -174,16 +174,14 @@ class Node:
 
     def state(self) -> NodeState:
         """Queue depths, spool space and readiness, for the gauges read at each scrape."""
-        jobs = dict(self.spool.query(
-            "SELECT state, COUNT(*) FROM jobs WHERE state IN ('queued', 'processing') "
-            "GROUP BY state"))
+        queued, running = self.spool.count_jobs("queued"), self.spool.count_jobs("processing")
         waiting = self.spool.query("SELECT COUNT(*) FROM series WHERE state='receiving'")
         backlog = self.outbox.backlog()
         ages = _pending_ages(backlog, time.time())
         return NodeState(
             series_waiting=int(waiting[0][0]),
-            inference_queued=int(jobs.get("queued", 0)),
-            inference_running=int(jobs.get("processing", 0)),
+            inference_queued=queued,
+            inference_running=running,
             outbox_pending={name: b.pending for name, b in backlog.items()},
             outbox_oldest_pending_age=ages,
             dead_letters={name: b.dead for name, b in backlog.items()},
@@ -204,7 +202,7 @@ class Node:
         high_water = self.settings.inference.queue_high_water
         if not high_water or not self.settings.inference.enabled:
             return None
-        waiting = len(self.spool.list_jobs("queued"))
+        waiting = self.spool.count_jobs("queued")
         if waiting < high_water:
             return None
         # rejected-transient, service-provider (presentation), local-limit-exceeded
@@ -230,13 +228,15 @@ class Node:
         """Count it; when it was the set's last pending object, end the series' story:
         the end-to-end time (all acknowledged) and the summary line."""
         self.metrics.record_delivery(delivery.destination, delivery.kind, outcome)
-        if outcome == "retry" or not self.outbox.result_set_done(delivery.result_set_id):
+        if outcome == "retry":
+            return
+        counts = self.outbox.result_set_counts(delivery.result_set_id)
+        if counts.get("pending", 0):
             return
         with self._summary_lock:
             if delivery.result_set_id in self._summarized:
                 return
             self._summarized.append(delivery.result_set_id)
-        counts = self.outbox.result_set_counts(delivery.result_set_id)
         sent, dead = counts.get("sent", 0), counts.get("dead", 0)
         if sent == 0 and dead == 0:
             return  # superseded by a newer result set, which gets its own line

@@ -515,6 +515,11 @@ class Spool:
             rows = self._db.execute(query + " ORDER BY job_id", args).fetchall()
         return [Job(*r) for r in rows]
 
+    def count_jobs(self, state: str) -> int:
+        """Jobs in ``state`` (backpressure and queue gauges ask on every association and
+        scrape: a count, not the rows)."""
+        return int(self.query("SELECT COUNT(*) FROM jobs WHERE state=?", (state,))[0][0])
+
     def claim_next_job(self) -> Job | None:
         """Take the oldest queued job: job and series become ``processing``."""
         now = time.time()
