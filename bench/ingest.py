@@ -75,6 +75,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--fsync", action="store_true", help="node with storage.fsync: true")
+    parser.add_argument("--transport-tuning", choices=["on", "off"],
+                        help="set node.transport_tuning (default: the config default)")
     parser.add_argument(
         "--minimal", action="store_true", help="also time a minimal pynetdicom SCP"
     )
@@ -107,11 +109,16 @@ def main() -> int:
 
         node_port, scp_port = free_port(), free_port()
         config = work / "node.yaml"
+        tuning = ("" if args.transport_tuning is None else
+                  f", transport_tuning: {str(args.transport_tuning == 'on').lower()}")
         config.write_text(
-            f"node: {{ae_title: DCN_NODE, host: 127.0.0.1, port: {node_port}}}\n"
+            f"node: {{ae_title: DCN_NODE, host: 127.0.0.1, port: {node_port}{tuning}}}\n"
             f"storage: {{spool_dir: {work / 'spool'}, fsync: {str(args.fsync).lower()},"
             " min_free_bytes: 0}\n"
             "completion: {quiet_seconds: 3600}\n"
+            # Ingest only: the series completes on its announced count, and the model run
+            # that would follow must not share the 2 cores with the next round's receive.
+            "inference: {enabled: false}\n"
             "logging: {level: WARNING}\n"
         )
         env = dict(os.environ, TCP_NODELAY="1")

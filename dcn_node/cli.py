@@ -262,7 +262,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         profile=args.profile, lung_epochs=args.lung_epochs, dcn_epochs=args.dcn_epochs,
         spm_epochs=args.spm_epochs, lung_slices_per_epoch=args.lung_slices_per_epoch,
         dcn_positives_per_epoch=args.dcn_positives_per_epoch, seed=args.seed,
-        device=args.device,
+        device=args.device, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
+        init_from=str(args.init_from or ""),
     )
     manifest = Trainer(cases, args.out, settings).run()
     print(f"weights and manifest: {manifest}")
@@ -294,8 +295,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     configure_logging("INFO")
     engine = Engine(args.models or DEFAULT_MODELS_DIR, args.profile, args.device)
+    baseline = None
+    if args.compare_naive:
+        baseline = Engine(args.models or DEFAULT_MODELS_DIR, args.profile, args.device,
+                          optimized=False)
     report = evaluate_on_phantoms(engine, args.out, args.cases, EVAL_SEED_BASE + args.seed,
-                                  keep_cases=args.keep_cases)
+                                  keep_cases=args.keep_cases, baseline=baseline)
     print(report)
     return 0
 
@@ -365,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cases", type=int, default=40, help="half with lesions, half not")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--keep-cases", action="store_true")
+    evaluate.add_argument("--compare-naive", action="store_true",
+                          help="also run the naive float32 path and print the metric deltas")
     evaluate.set_defaults(func=cmd_evaluate)
 
     train = sub.add_parser("train", help="train the lung U-Net, DCN and SPM (resumable)")
@@ -382,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dcn-positives-per-epoch", type=int, default=0, help="0 = all")
     train.add_argument("--folds", type=int, default=1, help="k for k-fold (1 = no folds)")
     train.add_argument("--fold", type=int, default=0, help="which fold to hold out")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's initial lr")
+    train.add_argument("--lr-decay", type=float, default=0.95, help="lr factor per epoch")
+    train.add_argument("--init-from", type=Path, help="weights folder whose networks start "
+                       "the stages (fine-tuning); checkpoints still resume first")
     train.add_argument("--device", default="cpu")
     train.add_argument("--threads", type=int, default=0)
     train.add_argument("--log", type=Path, help="log file (default OUT/train-PROFILE.log)")

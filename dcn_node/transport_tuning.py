@@ -1,20 +1,30 @@
-"""pynetdicom transport tuning: shorter polling sleeps while busy, bulk socket reads.
+"""pynetdicom transport tuning: event-driven waits instead of 1 ms polling, bulk reads.
 
 Measured on a 300-image 512x512 CT sent by dcmtk's storescu over loopback; see
 bench/ingest.py. Both changes touch pynetdicom internals, are checked against the version
 they were written for, and leave pynetdicom untouched (with a warning) when it differs.
 
-Polling sleeps
---------------
-pynetdicom's DUL thread and association reactor poll: every idle loop sleeps 1 ms
-(``DULServiceProvider._run_loop_delay`` and a fixed ``time.sleep(0.001)`` in
-``Association._run_reactor``). During a transfer each C-STORE waits through about three
-such sleeps (DUL receive, reactor pick-up, DUL send): a 300-image CT took ~0.95 s on
-loopback against 0.32 s for dcmtk's storescp. With 50 us sleeps it took ~0.6 s.
+Waits instead of polling sleeps
+-------------------------------
+pynetdicom's two threads per association poll: the DUL thread (socket reader/writer) and
+the association reactor (runs our C-STORE handler) each sleep 1 ms whenever a loop found
+nothing to do (``DULServiceProvider._run_loop_delay`` and a fixed ``time.sleep(0.001)`` in
+``Association._run_reactor``). A C-STORE crosses three such sleeps: the reactor picking up
+the decoded message, then the DUL thread picking up our response, then reading the next
+request. storescu sends one image at a time, so each sleep is paid per image: ~1 ms each,
+about as long as dcmtk's storescp needs for a whole image.
 
-Short sleeps cost CPU, so they apply only to a thread whose association received a PDU
-within :data:`ACTIVE_WINDOW_SECONDS`; an idle association keeps pynetdicom's 1 ms. The
-decision reads the DUL idle timer, which pynetdicom restarts on every PDU it receives.
+:func:`event_wait` replaces those two sleeps only. It still returns after at most the same
+1 ms (so pynetdicom's timers and checks keep their cadence), but returns *at once* when
+the thread has work:
+
+- the reactor waits on the DIMSE message queue's own condition, which pynetdicom's
+  ``queue.put`` notifies when the DUL thread hands over a decoded message;
+- the DUL thread waits in ``select`` on its socket and on a wake-up socket pair that
+  :func:`_send_pdu_and_wake` writes to when the reactor queues a response.
+
+No thread spins: an earlier version that slept 0-50 us while busy starved other
+associations of the GIL on 2 cores (C-STOREs stalled past 30 s under 8 senders).
 
 Bulk reads
 ----------
@@ -24,19 +34,24 @@ straight into one preallocated buffer with ``recv_into``, as many bytes as the k
 The buffer grows with what arrives (at most :data:`MAX_PREALLOCATION_BYTES` ahead), never
 to the length a peer merely declares, and PDUs over the receiving AE's limit are refused
 before anything is read (:func:`dcn_node.limits.check_pdu_length`). The Storage SCP always
-installs the bulk reads for that reason (:func:`install_bulk_recv`); the polling change
-follows ``node.transport_tuning``.
+installs the bulk reads for that reason (:func:`install_bulk_recv`); the waits follow
+``node.transport_tuning``.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import select
+import socket
+import ssl
 import threading
 import time
 import types
 from typing import Any
 
 import pynetdicom.association
+import pynetdicom.dimse
 import pynetdicom.dul
 import pynetdicom.transport
 
@@ -44,48 +59,96 @@ from dcn_node.limits import check_pdu_length
 
 LOGGER = logging.getLogger(__name__)
 
-#: Sleep used instead of <= 1 ms polling sleeps while a transfer is active.
-BUSY_SLEEP_SECONDS = 50e-6
-#: An association that received a PDU this recently counts as active.
-ACTIVE_WINDOW_SECONDS = 0.25
-
 #: The read buffer is allocated at most this far ahead of the bytes that arrived.
 MAX_PREALLOCATION_BYTES = 4 * 1024 * 1024
+
+#: pynetdicom's polling interval (both reactors); only sleeps of this length are replaced.
+POLL_SECONDS = 0.001
 
 _real_sleep = time.sleep
 _installed = False
 _bulk_installed = False
 
 
-def _recently_active(thread: threading.Thread) -> bool:
-    # The DUL thread is the DULServiceProvider itself; an association thread has .dul.
-    dul = getattr(thread, "dul", thread)
-    timer = getattr(dul, "_idle_timer", None)
-    started = getattr(timer, "_start_time", None)
-    return started is not None and time.time() - started < ACTIVE_WINDOW_SECONDS
+def _dul_wait(dul: pynetdicom.dul.DULServiceProvider, seconds: float) -> None:
+    """Sleep up to ``seconds``; return early when the socket has bytes or a PDU is queued."""
+    sock = getattr(dul.socket, "socket", None)
+    if sock is None:
+        _real_sleep(seconds)
+        return
+    # The pair first, then the queue: a response queued after this check writes a byte
+    # the select below sees.
+    wake_read = _wake_pair(dul)[0]
+    if dul.to_provider_queue.queue:
+        return
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return  # decrypted bytes buffered inside the SSL object: select cannot see them
+    try:
+        readable, _, _ = select.select([sock, wake_read], [], [], seconds)
+    except (OSError, ValueError):  # socket closed under us: pynetdicom notices next loop
+        return
+    if wake_read in readable:
+        try:
+            wake_read.recv(4096)
+        except (BlockingIOError, OSError):
+            pass
 
 
-def _work_pending(thread: threading.Thread) -> bool:
-    """True when the polling thread has something to do right now."""
-    if isinstance(thread, pynetdicom.dul.DULServiceProvider):
-        # Bytes waiting on the socket, or a primitive (our C-STORE response) to send.
-        sock = thread.socket
-        return bool(thread.to_provider_queue.queue) or (sock is not None and sock.ready)
-    dul = getattr(thread, "dul", None)
-    return dul is not None and bool(dul.to_user_queue.queue)
+def _reactor_wait(assoc: pynetdicom.association.Association, seconds: float) -> None:
+    """Sleep up to ``seconds``; return early when a decoded DIMSE message is queued."""
+    messages = assoc.dimse.msg_queue
+    with messages.not_empty:
+        if not messages.queue:
+            messages.not_empty.wait(seconds)
 
 
-def adaptive_sleep(seconds: float) -> None:
-    """``time.sleep`` for pynetdicom's reactors.
-
-    While the caller's association is busy: no sleep when work is already waiting (just
-    let other threads run), a short one otherwise. Idle associations keep the 1 ms poll.
-    """
-    if seconds <= 0.001:
+def event_wait(seconds: float) -> None:
+    """``time.sleep`` for pynetdicom's reactors: the 1 ms polls become waits that end
+    early when the calling thread has work (see the module docstring); every other sleep
+    is a plain sleep."""
+    if seconds == POLL_SECONDS:
         thread = threading.current_thread()
-        if _recently_active(thread):
-            seconds = 0.0 if _work_pending(thread) else min(seconds, BUSY_SLEEP_SECONDS)
+        if isinstance(thread, pynetdicom.dul.DULServiceProvider):
+            _dul_wait(thread, seconds)
+            return
+        if isinstance(thread, pynetdicom.association.Association) and thread.dimse is not None:
+            _reactor_wait(thread, seconds)
+            return
     _real_sleep(seconds)
+
+
+def _wake_pair(dul: Any) -> tuple[socket.socket, socket.socket]:
+    pair = getattr(dul, "_dcn_wake_pair", None)
+    if pair is None:
+        pair = socket.socketpair()
+        for end in pair:
+            end.setblocking(False)
+        dul._dcn_wake_pair = pair
+    return pair
+
+
+_original_send_pdu = pynetdicom.dul.DULServiceProvider.send_pdu
+_original_run_reactor = pynetdicom.dul.DULServiceProvider.run_reactor
+
+
+def _send_pdu_and_wake(self: Any, primitive: Any) -> None:
+    """``DULServiceProvider.send_pdu`` that also wakes the DUL thread's wait."""
+    _original_send_pdu(self, primitive)
+    pair = getattr(self, "_dcn_wake_pair", None)
+    if pair is not None:
+        try:
+            pair[1].send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already a wake-up pending, or closing
+
+
+def _run_reactor_then_close_wake_pair(self: Any) -> None:
+    try:
+        _original_run_reactor(self)
+    finally:
+        pair = self.__dict__.pop("_dcn_wake_pair", None)
+        for end in pair or ():
+            end.close()
 
 
 def bulk_recv(self: Any, nr_bytes: int) -> bytearray:
@@ -127,7 +190,7 @@ def install_bulk_recv() -> None:
 
 
 def install() -> bool:
-    """Install :func:`adaptive_sleep` and :func:`bulk_recv` into pynetdicom (idempotent).
+    """Install :func:`event_wait` and :func:`bulk_recv` into pynetdicom (idempotent).
 
     Returns ``True`` when installed, ``False`` when pynetdicom's internals differ from what
     this was written for (then pynetdicom keeps its own timing).
@@ -140,17 +203,24 @@ def install() -> bool:
         and getattr(pynetdicom.dul, "time", None) is time
         and hasattr(pynetdicom.dul.DULServiceProvider, "_is_transport_event")
         and hasattr(pynetdicom.transport.AssociationSocket, "recv")
+        and getattr(pynetdicom.dul.DULServiceProvider, "run_reactor", None)
+        is _original_run_reactor
+        and isinstance(getattr(pynetdicom.dimse.DIMSEServiceProvider(None), "msg_queue", None),
+                       queue.Queue)
     )
     if not expected:
         LOGGER.warning(
-            "pynetdicom %s internals differ from what low-latency polling expects; "
+            "pynetdicom %s internals differ from what event-driven waits expect; "
             "keeping pynetdicom's default transport",
             pynetdicom.__version__,
         )
         return False
-    shim = _time_module_with(adaptive_sleep)
+    shim = _time_module_with(event_wait)
     pynetdicom.association.time = shim  # type: ignore[attr-defined]
     pynetdicom.dul.time = shim  # type: ignore[attr-defined]
+    dul_class = pynetdicom.dul.DULServiceProvider
+    dul_class.send_pdu = _send_pdu_and_wake  # type: ignore[method-assign]
+    dul_class.run_reactor = _run_reactor_then_close_wake_pair  # type: ignore[method-assign]
     install_bulk_recv()
     _installed = True
     return True
@@ -162,4 +232,6 @@ def uninstall() -> None:
     pynetdicom.association.time = time  # type: ignore[attr-defined]
     pynetdicom.dul.time = time  # type: ignore[attr-defined]
     pynetdicom.transport.AssociationSocket.recv = _original_recv  # type: ignore[method-assign]
+    pynetdicom.dul.DULServiceProvider.send_pdu = _original_send_pdu  # type: ignore
+    pynetdicom.dul.DULServiceProvider.run_reactor = _original_run_reactor  # type: ignore
     _installed = _bulk_installed = False

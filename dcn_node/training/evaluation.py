@@ -121,17 +121,52 @@ def save_roc_png(path: Path, curves: dict[str, Classification]) -> None:
     plt.close(figure)
 
 
+@dataclass
+class _Scores:
+    """What one engine scored on the held-out cases."""
+
+    lung: PixelCounts = field(default_factory=PixelCounts)
+    lesion: PixelCounts = field(default_factory=PixelCounts)
+    slice_level: Classification = field(default_factory=Classification)
+    individual: Classification = field(default_factory=Classification)
+
+    def add(self, result: Any, truth: Any, label: int) -> None:
+        self.lung.add(result.lung, truth["lung"])
+        if label:
+            self.lesion.add(result.lesion, truth["lesion"])
+        has_lung = truth["lung"].reshape(len(truth["lung"]), -1).any(1)
+        has_lesion = truth["lesion"].reshape(len(truth["lesion"]), -1).any(1)
+        for s in np.flatnonzero(has_lung):
+            self.slice_level.add(int(has_lesion[s]), float(result.slice_probabilities[s]))
+        self.individual.add(label, result.probability)
+
+
+def delta_table(optimized: _Scores, baseline: _Scores) -> str:
+    """The optimized path's metrics minus the naive float32 path's, same cases."""
+    rows = [("Lung DSC", optimized.lung.dsc, baseline.lung.dsc),
+            ("Lesion DSC", optimized.lesion.dsc, baseline.lesion.dsc),
+            ("Slice AUC", optimized.slice_level.metrics()["AUC"],
+             baseline.slice_level.metrics()["AUC"]),
+            ("Individual AUC", optimized.individual.metrics()["AUC"],
+             baseline.individual.metrics()["AUC"])]
+    lines = ["Optimized path vs naive float32 (same cases)",
+             f"{'':16}{'optimized':>11}{'naive':>9}{'delta':>10}"]
+    lines += [f"{name:16}{a:>11.4f}{b:>9.4f}{a - b:>+10.4f}" for name, a, b in rows]
+    return "\n".join(lines)
+
+
 def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int, *,
-                         keep_cases: bool = False) -> str:
+                         keep_cases: bool = False, baseline: Any = None) -> str:
     """Generate ``cases`` held-out phantoms (alternately with lesions and normal, 5 and 1 mm
     slices), run them through the whole path (DICOM files -> volume -> engine) and write
-    ``report.txt``, ``cases.json`` and ``roc.png`` into ``out_dir``; returns the report."""
+    ``report.txt``, ``cases.json`` and ``roc.png`` into ``out_dir``; returns the report.
+    With a ``baseline`` engine (the naive float32 path) the same cases also run through it
+    and the report ends with the accuracy delta between the two."""
     from dcn_node.phantom import generate_phantom
     from dcn_node.volume import load_dicom_folder
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    lung, lesion = PixelCounts(), PixelCounts()
-    slice_level, individual = Classification(), Classification()
+    scores, baseline_scores = _Scores(), _Scores()
     rows = []
     for index in range(cases):
         seed = first_seed + index
@@ -143,14 +178,9 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
         if list(truth["sop_instance_uids"]) != volume.sop_instance_uids:
             raise RuntimeError(f"slice order of case {seed} differs from its ground truth")
         result = engine.analyze(volume)
-        lung.add(result.lung, truth["lung"])
-        if case.label:
-            lesion.add(result.lesion, truth["lesion"])
-        has_lung = truth["lung"].reshape(len(truth["lung"]), -1).any(1)
-        has_lesion = truth["lesion"].reshape(len(truth["lesion"]), -1).any(1)
-        for s in np.flatnonzero(has_lung):
-            slice_level.add(int(has_lesion[s]), float(result.slice_probabilities[s]))
-        individual.add(case.label, result.probability)
+        scores.add(result, truth, case.label)
+        if baseline is not None:
+            baseline_scores.add(baseline.analyze(volume), truth, case.label)
         rows.append({"seed": seed, "label": case.label, "thickness_mm": thickness,
                      "slices": case.slices, "probability": result.probability,
                      "seconds": result.seconds})
@@ -159,13 +189,17 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
                     result.probability, result.seconds)
         if not keep_cases:
             shutil.rmtree(case_dir)
-    report = "\n\n".join([
+    parts = [
         f"Held-out phantoms: {cases} cases, seeds {first_seed}..{first_seed + cases - 1}; "
         f"model {engine.model_version}",
-        segmentation_table(lung, lesion),
-        classification_table(slice_level, individual),
-    ])
+        segmentation_table(scores.lung, scores.lesion),
+        classification_table(scores.slice_level, scores.individual),
+    ]
+    if baseline is not None:
+        parts.append(delta_table(scores, baseline_scores))
+    report = "\n\n".join(parts)
     (out_dir / "report.txt").write_text(report + "\n")
     (out_dir / "cases.json").write_text(json.dumps(rows, indent=2) + "\n")
-    save_roc_png(out_dir / "roc.png", {"slice": slice_level, "individual": individual})
+    save_roc_png(out_dir / "roc.png", {"slice": scores.slice_level,
+                                       "individual": scores.individual})
     return report

@@ -29,7 +29,7 @@ from dcn_node.errors import DcnNodeError
 from dcn_node.inference.engine import cpu_supports_bfloat16, run_lung_then_dcn
 from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
 from dcn_node.inference.networks import resample_slice_probabilities as resample
-from dcn_node.inference.weights import save_weights
+from dcn_node.inference.weights import load_checked_state, load_manifest, save_weights
 from dcn_node.training.cases import Case
 from dcn_node.training.losses import dcn_loss, dice_loss
 
@@ -56,6 +56,9 @@ class TrainSettings:
     device: str = "cpu"
     #: bfloat16 autocast on CPUs with native bfloat16 / float16 on CUDA during training.
     mixed_precision: bool = True
+    #: A weights folder (with its manifest) whose networks start each stage that has no
+    #: checkpoint yet: fine-tuning shipped weights on more epochs or on a hospital's cases.
+    init_from: str = ""
 
 
 def _seed_everything(seed: int) -> None:
@@ -133,6 +136,13 @@ class Trainer:
         LOGGER.info("%s: resuming after epoch %d", stage, state["epoch"])
         return int(state["epoch"])
 
+    def _initialize(self, stage: str, model: torch.nn.Module) -> None:
+        """Start ``stage`` from the SHA-256-checked weights in ``settings.init_from``."""
+        folder = Path(self.settings.init_from)
+        manifest = load_manifest(folder, self.settings.profile)
+        model.load_state_dict(load_checked_state(folder, manifest, stage))
+        LOGGER.info("%s: starting from %s (%s)", stage, folder, manifest.get("model_version"))
+
     def _checkpoint(self, stage: str, epoch: int, model, optimizer, scheduler) -> None:
         path = self.checkpoints / f"{stage}.pt"
         temp = path.with_suffix(".tmp")
@@ -178,6 +188,8 @@ class Trainer:
         batches, each a callable computing its losses (the total under ``loss``)."""
         optimizer, scheduler = self._optimizer(model)
         start = self._resume(stage, model, optimizer, scheduler)
+        if start == 0 and self.settings.init_from:
+            self._initialize(stage, model)
         for epoch in range(start + 1, epochs + 1):
             model.train()
             epoch_batches = list(batches())
