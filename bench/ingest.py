@@ -119,6 +119,7 @@ def main() -> int:
             # Ingest only: the series completes on its announced count, and the model run
             # that would follow must not share the 2 cores with the next round's receive.
             "inference: {enabled: false}\n"
+            "metrics: {enabled: false}\n"
             "logging: {level: WARNING}\n"
         )
         env = dict(os.environ, TCP_NODELAY="1")

@@ -19,7 +19,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dcn_node.errors import InvalidInstanceError
@@ -51,6 +51,14 @@ _KEYWORDS = [
 ]
 _TAG_BY_KEYWORD = {keyword: Tag(keyword) for keyword in _KEYWORDS}
 _TAGS = list(_TAG_BY_KEYWORD.values())
+_WANTED = frozenset(int(tag) for tag in _TAGS)
+#: Enhanced CT's functional groups: pydicom parses those (nested datasets).
+_FUNCTIONAL_GROUPS = frozenset(int(Tag(keyword)) for keyword in (
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"))
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -279,7 +287,11 @@ def read_header(
         else:
             stream = BytesIO(encoded)  # type: ignore[arg-type]
         implicit = transfer_syntax_uid == ImplicitVRLittleEndian
-        ds = read_dataset(stream, implicit, True, stop_when=_stop_at_pixels, specific_tags=_TAGS)
+        try:
+            ds = _scan_header(stream, implicit)
+        except _NotScanned:
+            ds = read_dataset(stream, implicit, True, stop_when=_stop_at_pixels,
+                              specific_tags=_TAGS)
     except InvalidInstanceError:
         raise
     except Exception as exc:
@@ -296,7 +308,85 @@ def read_header(
 
 
 _PIXEL_DATA = 0x7FE00010
-_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+_ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _NotScanned(Exception):
+    """The fast scan leaves this dataset to pydicom's reader."""
+
+
+def _element_header(data: memoryview, offset: int, implicit: bool
+                    ) -> tuple[int, str | None, int, int]:
+    """(tag, VR or None, value length, value offset) of the element at ``offset``."""
+    group, element = struct.unpack_from("<HH", data, offset)
+    tag = group << 16 | element
+    if implicit or group == 0xFFFE:  # items and delimiters have no VR
+        return tag, None, struct.unpack_from("<I", data, offset + 4)[0], offset + 8
+    vr = bytes(data[offset + 4:offset + 6])
+    if vr in _LONG_VRS:
+        return tag, vr.decode("ascii"), struct.unpack_from("<I", data, offset + 8)[0], offset + 12
+    if not vr.isalpha():
+        raise _NotScanned
+    return tag, vr.decode("ascii"), struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+
+
+def _skip_undefined(data: memoryview, offset: int, implicit: bool, until: int) -> int:
+    """Skip elements (and items) from ``offset`` up to and past the ``until`` delimiter."""
+    while True:
+        tag, _, length, value = _element_header(data, offset, implicit)
+        if tag == until:
+            return value
+        if length == _UNDEFINED:
+            inner = _ITEM_DELIMITER if tag == _ITEM else _SEQUENCE_DELIMITER
+            offset = _skip_undefined(data, value, implicit, inner)
+        else:
+            offset = value + length
+        if offset > len(data):
+            raise _NotScanned
+
+
+def _scan_header(stream: BinaryIO, implicit: bool) -> Dataset:
+    """The wanted top-level elements up to the pixel data, as pydicom's raw elements,
+    leaving ``stream`` where :func:`read_header`'s pydicom read would: at the first element
+    at or after (7FE0,0010). Walks element headers only (a CT header in ~20 us instead of
+    pydicom's ~0.3 ms). Raises :class:`_NotScanned` for anything unusual (no in-memory
+    buffer, functional groups, lengths past the end): pydicom then reads it, with its
+    own error messages."""
+    getbuffer = getattr(stream, "getbuffer", None)
+    if getbuffer is None:
+        raise _NotScanned
+    start = stream.tell()
+    elements: dict[BaseTag, RawDataElement] = {}
+    with getbuffer() as buffer:
+        data = buffer[start:]
+        offset, end = 0, len(data)
+        try:
+            while offset < end:
+                if offset + 8 > end:
+                    raise _NotScanned  # a torn element header: pydicom says what it is
+                tag, vr, length, value = _element_header(data, offset, implicit)
+                if tag >= _PIXEL_DATA:
+                    break
+                if tag in _FUNCTIONAL_GROUPS:
+                    raise _NotScanned
+                if length == _UNDEFINED:
+                    if vr == "UN":  # its items are implicit VR whatever the syntax
+                        raise _NotScanned
+                    offset = _skip_undefined(data, value, implicit, _SEQUENCE_DELIMITER)
+                    continue
+                if value + length > end:
+                    raise _NotScanned
+                if tag in _WANTED:
+                    elements[BaseTag(tag)] = RawDataElement(
+                        BaseTag(tag), vr, length, bytes(data[value:value + length]),
+                        start + value, implicit, True, True, False)
+                offset = value + length
+        except (struct.error, RecursionError) as exc:
+            raise _NotScanned from exc
+        finally:
+            data.release()
+    stream.seek(start + offset)
+    return Dataset(elements)
 
 
 def pixel_data_problem(stream: BinaryIO, ds: Dataset, frames: int, implicit: bool) -> str | None:

@@ -86,3 +86,6 @@ def configure_logging(
 
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    # pynetdicom's standard handlers describe every PDU and DIMSE message for its DEBUG
+    # log: bound only when a person asked for DEBUG (below it nobody reads them).
+    pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if numeric <= logging.DEBUG else "none"
