@@ -2,7 +2,8 @@
 
 Stages run in order, each resumable from its last finished epoch:
 
-1. ``lung``: U-Net on (windowed slice -> lung mask), Dice loss.
+1. ``lung``: U-Net on (windowed slice -> lung mask), Dice loss; a share of every epoch's
+   slices (``lung_lesion_fraction``) comes from slices with lesions.
 2. ``dcn``: DCN on lung-masked slices; weighted Dice (lesion slices only) + lambda * BCE;
    each epoch takes every lesion slice (up to a cap) and as many lesion-free slices drawn
    afresh (under-sampling, 3.2.1).
@@ -52,6 +53,10 @@ class TrainSettings:
     #: Slices per lung epoch and lesion slices per DCN epoch (CPU budgets; 0 = all).
     lung_slices_per_epoch: int = 0
     dcn_positives_per_epoch: int = 0
+    #: Share of each lung epoch drawn from slices with lesions: dense consolidation looks
+    #: like soft tissue, and a lung mask that leaves it out hides it from the DCN (which
+    #: sees only the masked lung), so the U-Net must see many of them.
+    lung_lesion_fraction: float = 0.5
     seed: int = 0
     device: str = "cpu"
     #: bfloat16 autocast on CPUs with native bfloat16 / float16 on CUDA during training.
@@ -215,6 +220,9 @@ class Trainer:
             raise DcnNodeError("no training case has a lung mask: the lung U-Net and the DCN "
                                "need lung masks (manifest column lung_mask)")
         per_epoch = settings.lung_slices_per_epoch or len(pool)
+        with_lesion = [(c, s) for c, s in pool if self.cases[c].lesion is not None
+                       and self.cases[c].lesion[s].any()]
+        lesion_share = min(len(with_lesion), round(per_epoch * settings.lung_lesion_fraction))
 
         def step(refs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
             batch = self._batch(refs, False)
@@ -223,7 +231,9 @@ class Trainer:
             return {"loss": dice_loss(logits, batch["lung"])}
 
         def epoch() -> list[Callable[[], dict[str, torch.Tensor]]]:
-            chosen = random.sample(pool, min(per_epoch, len(pool)))
+            chosen = random.sample(with_lesion, lesion_share)
+            chosen += random.sample(pool, min(per_epoch - lesion_share, len(pool)))
+            random.shuffle(chosen)
             return [functools.partial(step, part) for part in _batches(chosen,
                                                                         settings.lung_batch)]
 
