@@ -89,11 +89,13 @@ def _age(seconds: float) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dcn_node.outbox import Outbox
+    from dcn_node.quarantine import QUARANTINE_DIR, quarantine_usage
     from dcn_node.spool import Spool
 
     settings = _settings(args)
     spool_dir = settings.storage.spool_dir
     series, outbox, timelines, dead = [], {}, {}, []
+    quarantined, quarantine_bytes = quarantine_usage(spool_dir)
     if not (spool_dir / "index.sqlite3").exists():
         print(f"no spool at {spool_dir.resolve()} yet", file=sys.stderr)
     else:
@@ -134,6 +136,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                  "series_instance_uid": d.series_instance_uid, "reason": d.last_error}
                 for d in dead
             ],
+            "quarantine": {"instances": quarantined, "bytes": quarantine_bytes,
+                           "path": str(spool_dir / QUARANTINE_DIR)},
         }
         print(json.dumps(payload, indent=2))
         return 0
@@ -164,6 +168,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  dead: {d.destination} {d.kind} {d.sop_instance_uid}: {d.last_error}")
     if len(dead) > 20:
         print(f"  ... {len(dead) - 20} more dead letters (see --json)")
+    print()
+    print(f"QUARANTINE: {quarantined} refused instance(s), {quarantine_bytes / 1e6:.1f} MB "
+          f"(limit {settings.storage.quarantine_max_bytes / 1e6:.0f} MB) in "
+          f"{spool_dir / QUARANTINE_DIR}")
     return 0
 
 

@@ -91,6 +91,9 @@ class StorageSettings(_Frozen):
     fsync: bool = False
     #: Below this many free bytes in the spool, C-STOREs are answered "out of resources".
     min_free_bytes: Annotated[int, Field(ge=0)] = 1_000_000_000
+    #: Instances refused for their content are kept in ``<spool_dir>/quarantine/`` up to
+    #: this many bytes in all (then logged and not kept); 0 = no quarantine.
+    quarantine_max_bytes: Annotated[int, Field(ge=0)] = 1 << 30
 
 
 class CompletionSettings(_Frozen):

@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 
 from dcn_node import __version__
 from dcn_node.health import READINESS_CHECKS, Liveness, Readiness
+from dcn_node.quarantine import SKIP_REASONS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ BAD_INPUT_REASONS = (
     "missing_position", "too_few_slices", "two_acquisitions", "duplicate_positions", "gap",
     "not_selected", "undecodable",
 )
+#: ``reason`` of dcn_quarantined_instances_total: the instance reasons of
+#: BAD_INPUT_REASONS whose bytes were received whole (the others cannot be kept).
+QUARANTINE_REASONS = ("unparsable", "missing_uid", "uid_mismatch", "no_pixel_data",
+                      "truncated", "dataset_too_large")
 #: ``reason`` of dcn_series_failed_total.
 FAILURE_REASONS = ("undecodable", "out_of_memory", "model_error", "encoding_error")
 #: ``stage`` of dcn_inference_stage_seconds.
@@ -213,6 +218,14 @@ class NodeMetrics:
             "Input refused, rejected or ignored for what it holds, by reason: instances "
             "(C-STORE failure status or association cut off) and series (at completion or "
             "while read for the model).", ["reason"], registry=r)
+        self.quarantined = Counter(
+            "dcn_quarantined_instances_total",
+            "Instances refused for their content and kept in the quarantine, by reason.",
+            ["reason"], registry=r)
+        self.quarantine_skipped = Counter(
+            "dcn_quarantine_skipped_total",
+            "Refused instances not kept in the quarantine: full (storage."
+            "quarantine_max_bytes) or write_error.", ["reason"], registry=r)
         self.series_failed = Counter(
             "dcn_series_failed_total", "Series failed in the model worker or encoder, by "
             "reason.", ["reason"], registry=r)
@@ -245,6 +258,10 @@ class NodeMetrics:
             self.series.labels(outcome)
         for reason in BAD_INPUT_REASONS:
             self.bad_input.labels(reason)
+        for reason in QUARANTINE_REASONS:
+            self.quarantined.labels(reason)
+        for reason in SKIP_REASONS:
+            self.quarantine_skipped.labels(reason)
         for reason in FAILURE_REASONS:
             self.series_failed.labels(reason)
         for stage in STAGES:
@@ -287,6 +304,19 @@ class NodeMetrics:
             self.bad_input.labels(reason).inc()
         else:
             LOGGER.debug("Bad input reason %r not exported", reason)
+
+    def record_quarantined(self, reason: str) -> None:
+        """A refused instance was kept in the quarantine (reasons outside
+        :data:`QUARANTINE_REASONS` are dropped, so the label set stays fixed)."""
+        if reason in QUARANTINE_REASONS:
+            self.quarantined.labels(reason).inc()
+        else:
+            LOGGER.debug("Quarantine reason %r not exported", reason)
+
+    def record_quarantine_skipped(self, reason: str) -> None:
+        """A refused instance was not kept: ``full`` or ``write_error``."""
+        if reason in SKIP_REASONS:
+            self.quarantine_skipped.labels(reason).inc()
 
     def record_failure(self, reason: str) -> None:
         """A series failed; ``reason`` outside :data:`FAILURE_REASONS` counts as

@@ -18,7 +18,10 @@ dataset UIDs differ from the request   0xA900  Error: Data Set does not match
 =====================================  ======  ==============================
 
 A refused instance is not acknowledged, so the sender keeps it and reports the failure;
-the node logs the reason and counts it (``dcn_bad_input_total{reason}``).
+the node logs the reason and counts it (``dcn_bad_input_total{reason}``). An instance
+refused for its content (0xC000, 0xA900) is also kept in the quarantine with the reason
+(:mod:`dcn_node.quarantine`); an 0xA700 refusal is not (the disk is the problem, and the
+sender sends it again).
 
 Transfer syntaxes are offered only when pydicom has a working decoder for them (the
 pylibjpeg plugins), so data the node could not decode is refused at negotiation rather
@@ -59,6 +62,7 @@ from dcn_node import __version__, limits, transport_tuning
 from dcn_node.config import ScpTlsSettings, Settings
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, read_header
+from dcn_node.quarantine import Quarantine, RefusedInstance, is_valid_uid
 from dcn_node.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -211,6 +215,10 @@ class StorageSCP:
         Optional callback told how every association request ended (metrics).
     on_store_status:
         Optional callback told every C-STORE status answered and the bytes stored (metrics).
+    on_bad_input:
+        Optional callback told the reason code of every instance refused for its content.
+    quarantine:
+        Where instances refused for their content are kept (None: nowhere).
     """
 
     def __init__(
@@ -223,6 +231,7 @@ class StorageSCP:
         on_association: AssociationCallback | None = None,
         on_store_status: StoreStatusCallback | None = None,
         on_bad_input: BadInputCallback | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -231,6 +240,7 @@ class StorageSCP:
         self._on_association = on_association
         self._on_store_status = on_store_status
         self._on_bad_input = on_bad_input
+        self._quarantine = quarantine
         self._server: ThreadedAssociationServer | None = None
         self._accepting = threading.Event()
         self._allowed_aets = {a.strip() for a in settings.node.allowed_calling_aets}
@@ -404,20 +414,19 @@ class StorageSCP:
         limit = self.settings.node.max_dataset_bytes
         if size > limit:
             reason = f"dataset of {size} bytes exceeds node.max_dataset_bytes ({limit})"
-            return self._refuse(STATUS_CANNOT_UNDERSTAND, sop_instance_uid, calling_ae, reason,
-                                "dataset_too_large")
+            return self._refuse_content(event, STATUS_CANNOT_UNDERSTAND, reason,
+                                        "dataset_too_large")
         try:
             header = read_header(stream, transfer_syntax, check_pixel_data=True,
                                  max_inflated_bytes=limit)
         except InvalidInstanceError as exc:
-            return self._refuse(STATUS_CANNOT_UNDERSTAND, sop_instance_uid, calling_ae, str(exc),
-                                exc.code)
+            return self._refuse_content(event, STATUS_CANNOT_UNDERSTAND, str(exc), exc.code)
         if header.sop_instance_uid != sop_instance_uid or header.sop_class_uid != str(
             request.AffectedSOPClassUID
         ):
             reason = "dataset SOP Class/Instance UID differs from the C-STORE request"
-            return self._refuse(STATUS_DATASET_MISMATCH, sop_instance_uid, calling_ae, reason,
-                                "uid_mismatch")
+            return self._refuse_content(event, STATUS_DATASET_MISMATCH, reason,
+                                        "uid_mismatch", header)
         free = self._free_bytes()
         if free < self.settings.storage.min_free_bytes:
             reason = f"spool has {free} bytes free, below storage.min_free_bytes"
@@ -458,6 +467,59 @@ class StorageSCP:
         if self._on_store_status is not None:
             self._on_store_status(status, 0)
         return _status(status, reason)
+
+    def _refuse_content(self, event: evt.Event, status: int, reason: str, code: str,
+                        header: InstanceHeader | None = None) -> Dataset:
+        """Refuse an instance for what it holds (:meth:`_refuse`) and quarantine the bytes
+        received. The status answered is the same whatever happens to the copy."""
+        request = event.request
+        calling_ae = event.assoc.requestor.ae_title.strip()
+        sop_instance_uid = str(request.AffectedSOPInstanceUID)
+        answer = self._refuse(status, sop_instance_uid, calling_ae, reason, code)
+        if self._quarantine is not None and self._quarantine.enabled:
+            try:
+                self._keep_refused(event, status, reason, code, header)
+            except Exception:  # the copy is a convenience: never a crash, never another status
+                LOGGER.exception("Quarantining refused instance %s from %s failed",
+                                 sop_instance_uid, calling_ae)
+        return answer
+
+    def _keep_refused(self, event: evt.Event, status: int, reason: str, code: str,
+                      header: InstanceHeader | None) -> None:
+        assert self._quarantine is not None
+        request, requestor = event.request, event.assoc.requestor
+        transfer_syntax = str(event.context.transfer_syntax)
+        sop_class_uid = str(request.AffectedSOPClassUID)
+        sop_instance_uid = str(request.AffectedSOPInstanceUID)
+        calling_ae = requestor.ae_title.strip()
+        refused = RefusedInstance(
+            reason_code=code,
+            reason=reason,
+            status=status,
+            calling_ae_title=calling_ae,
+            peer_address=str(requestor.address),
+            peer_port=int(requestor.port or 0),
+            transfer_syntax_uid=transfer_syntax,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            dataset_sop_class_uid=(header.sop_class_uid if header is not None
+                                   and header.sop_class_uid != sop_class_uid else None),
+            dataset_sop_instance_uid=(header.sop_instance_uid if header is not None
+                                      and header.sop_instance_uid != sop_instance_uid
+                                      else None),
+            received_at=time.time(),
+        )
+        # The File Meta names the dataset's own UIDs when it could be read (a Part 10 file
+        # that agrees with itself), else the request's; with neither valid: no File Meta.
+        if header is not None and is_valid_uid(header.sop_class_uid) and is_valid_uid(
+                header.sop_instance_uid):
+            meta_uids = (header.sop_class_uid, header.sop_instance_uid)
+        else:
+            meta_uids = (sop_class_uid, sop_instance_uid)
+        meta = (encode_file_meta(*meta_uids, transfer_syntax, calling_ae)
+                if all(is_valid_uid(uid) for uid in meta_uids) else None)
+        with request.DataSet.getbuffer() as body:
+            self._quarantine.keep(refused, body, meta)
 
     def _free_bytes(self) -> int:
         stats = os.statvfs(self.spool.root)

@@ -1,6 +1,7 @@
 """The Node: the one place where the parts are wired together.
 
-    receive   StorageSCP, one thread per association   -> spool (files + SQLite)
+    receive   StorageSCP, one thread per association   -> spool (files + SQLite);
+                                                          refused instances -> quarantine
     complete  SeriesAssembler, apscheduler interval job   -> jobs queue in the spool
     infer     ModelWorker thread, one model run at a time -> summary.json, masks.npz
     encode    ResultEncoder thread                        -> SEG/SC/SR files + outbox rows
@@ -33,6 +34,7 @@ from dcn_node.encoder import ResultEncoder
 from dcn_node.health import Liveness, Readiness, outbox_problem, spool_free_bytes, spool_problem
 from dcn_node.metrics import MetricsServer, NodeMetrics, NodeState
 from dcn_node.outbox import Backlog, Delivery, Outbox
+from dcn_node.quarantine import Quarantine
 from dcn_node.receiver import Refusal, StorageSCP
 from dcn_node.sender import DestinationSender
 from dcn_node.series import SeriesAssembler
@@ -82,10 +84,16 @@ class Node:
                                    state=self.state)
         m = self.metrics
         self.assembler = SeriesAssembler(self.spool, settings.completion, settings.selection)
+        self.quarantine = Quarantine(settings.storage.spool_dir,
+                                     settings.storage.quarantine_max_bytes,
+                                     fsync=settings.storage.fsync,
+                                     on_quarantined=m.record_quarantined,
+                                     on_skipped=m.record_quarantine_skipped)
         self.receiver = StorageSCP(settings, self.spool, admission_check=self._admission,
                                    on_association=m.record_association,
                                    on_store_status=m.record_store,
-                                   on_bad_input=m.record_bad_input)
+                                   on_bad_input=m.record_bad_input,
+                                   quarantine=self.quarantine)
         self.encoder = ResultEncoder(settings, self.spool, self.outbox,
                                      on_recorded=self._wake_senders, on_timing=m.record_stage,
                                      on_finished=self._job_finished)

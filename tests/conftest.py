@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage
 
 from dcn_node.config import Settings, parse_settings
@@ -74,14 +74,20 @@ def send_datasets(
     calling_aet: str = "TEST_SCU",
     called_aet: str = NODE_AET,
     transfer_syntax: str | None = None,
+    tcp_nodelay: bool = False,
 ) -> list[int]:
-    """C-STORE ``datasets`` over one pynetdicom association; returns the statuses."""
+    """C-STORE ``datasets`` over one pynetdicom association; returns the statuses.
+
+    With ``tcp_nodelay`` the socket sends at once: without it each small instance waits
+    ~45 ms for a delayed ACK on loopback (1,500 16x16 slices: 74 s against 8 s).
+    """
     ae = AE(ae_title=calling_aet)
     syntaxes = [transfer_syntax] if transfer_syntax else [ExplicitVRLittleEndian,
                                                           ImplicitVRLittleEndian]
     ae.add_requested_context(CTImageStorage, syntaxes)
     ae.add_requested_context(EnhancedCTImageStorage, syntaxes)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+    handlers = [(evt.EVT_ESTABLISHED, _set_tcp_nodelay)] if tcp_nodelay else []
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet, evt_handlers=handlers)
     if not assoc.is_established:
         raise ConnectionRefusedError(f"association not established (rejected={assoc.is_rejected})")
     statuses = []
@@ -92,6 +98,12 @@ def send_datasets(
     finally:
         assoc.release()
     return statuses
+
+
+def _set_tcp_nodelay(event: evt.Event) -> None:
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def dcmtk_env() -> dict[str, str]:
