@@ -270,6 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         profile=args.profile, lung_epochs=args.lung_epochs, dcn_epochs=args.dcn_epochs,
         spm_epochs=args.spm_epochs, lung_slices_per_epoch=args.lung_slices_per_epoch,
         dcn_positives_per_epoch=args.dcn_positives_per_epoch, seed=args.seed,
+        lung_lesion_fraction=args.lung_lesion_fraction,
         device=args.device, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
         init_from=str(args.init_from or ""),
     )
@@ -397,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dcn-positives-per-epoch", type=int, default=0, help="0 = all")
     train.add_argument("--folds", type=int, default=1, help="k for k-fold (1 = no folds)")
     train.add_argument("--fold", type=int, default=0, help="which fold to hold out")
+    train.add_argument("--lung-lesion-fraction", type=float, default=0.5,
+                       help="share of each lung epoch drawn from slices with lesions")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's initial lr")
     train.add_argument("--lr-decay", type=float, default=0.95, help="lr factor per epoch")
     train.add_argument("--init-from", type=Path, help="weights folder whose networks start "

@@ -74,11 +74,10 @@ class NodeSettings(_Frozen):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     #: On SIGTERM: in-flight C-STOREs, the model run and deliveries get this long to end.
     shutdown_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
-    #: Short polling sleeps while a peer is sending (see dcn_node/transport_tuning.py).
-    #: Off by default: with 8 concurrent associations on 2 cores, 3 of 10 load runs had a
-    #: C-STORE answered after the sender's 30 s DIMSE timeout with it on, 0 of 6 with it
-    #: off (tests/test_load.py, docs/robustness.md). Bulk socket reads are always on.
-    transport_tuning: bool = False
+    #: pynetdicom transport tuning (dcn_node/transport_tuning.py): event-driven waits
+    #: instead of 1 ms polling sleeps, and C-STORE responses encoded directly. Bulk socket
+    #: reads (which carry the PDU size limit) are always on.
+    transport_tuning: bool = True
 
 
 class StorageSettings(_Frozen):

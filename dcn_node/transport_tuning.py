@@ -18,8 +18,10 @@ about as long as dcmtk's storescp needs for a whole image.
 1 ms (so pynetdicom's timers and checks keep their cadence), but returns *at once* when
 the thread has work:
 
-- the reactor waits on the DIMSE message queue's own condition, which pynetdicom's
-  ``queue.put`` notifies when the DUL thread hands over a decoded message;
+- an acceptor's reactor waits on the DIMSE message queue's own condition, which pynetdicom's
+  ``queue.put`` notifies when the DUL thread hands over a decoded message (and passes the
+  notification on, since ``put`` wakes only one waiter and a user thread may be waiting
+  in ``get_msg`` for that message);
 - the DUL thread waits in ``select`` on its socket and on a wake-up socket pair that
   :func:`_send_pdu_and_wake` writes to when the reactor queues a response.
 
@@ -114,6 +116,12 @@ def _reactor_wait(assoc: pynetdicom.association.Association, seconds: float) -> 
     with messages.not_empty:
         if not messages.queue:
             messages.not_empty.wait(seconds)
+        if messages.queue:
+            # ``Queue.put`` wakes one waiter. A user thread may be blocked in ``get_msg``
+            # for this very message (a requestor waiting for its C-STORE response, while
+            # pynetdicom pauses this reactor): if the wake-up came here, pass it on, or
+            # that thread sleeps through its DIMSE timeout.
+            messages.not_empty.notify()
 
 
 def event_wait(seconds: float) -> None:
@@ -125,7 +133,12 @@ def event_wait(seconds: float) -> None:
         if isinstance(thread, pynetdicom.dul.DULServiceProvider):
             _dul_wait(thread, seconds)
             return
-        if isinstance(thread, pynetdicom.association.Association) and thread.dimse is not None:
+        # Acceptors only: a requestor's user thread takes its responses off the same
+        # queue, and pynetdicom's pause of the requestor reactor is racy; waking that
+        # reactor at the moment a response lands lets it take the response
+        # ("unexpected C-STORE service message") and the user thread times out.
+        if (isinstance(thread, pynetdicom.association.Association) and thread.is_acceptor
+                and thread.dimse is not None):
             _reactor_wait(thread, seconds)
             return
     _real_sleep(seconds)
