@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--matrix", type=int, default=256)
     parser.add_argument("--no-model", action="store_true", help="model off: queue only")
     parser.add_argument("--timeout", type=float, default=3000.0)
+    parser.add_argument("--transport-tuning", choices=["on", "off"],
+                        help="set node.transport_tuning (default: the config default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dcn-bench-load-") as work_dir:
         work = Path(work_dir)
@@ -36,7 +38,9 @@ def main() -> int:
         (work / "node").mkdir()
         report = run_load(work / "node", senders=args.senders,
                           series_per_sender=args.series, slices=args.slices,
-                          matrix=args.matrix, models=models, settle_timeout=args.timeout)
+                          matrix=args.matrix, models=models, settle_timeout=args.timeout,
+                          node=None if args.transport_tuning is None else
+                          {"transport_tuning": args.transport_tuning == "on"})
     for line in report.lines():
         print(line)
     return 0 if report.failed_cstores == 0 and report.series_lost == 0 else 1

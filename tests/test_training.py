@@ -100,3 +100,15 @@ def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
     for entry in manifest_json["files"].values():
         state = torch.load(out / entry["file"], weights_only=True)
         assert isinstance(state, dict) and state
+    # Fine-tuning: --init-from starts each stage from those (SHA-256-checked) weights;
+    # with no epochs to run, the same networks come out.
+    tuned = tmp_path / "tuned"
+    third = _train(tuned, cache, "--manifest", str(manifest), "--init-from", str(out),
+                   "--lung-epochs", "0", "--dcn-epochs", "0", "--spm-epochs", "0")
+    assert third.returncode == 0, third.stderr
+    assert "dcn: starting from" in (tuned / "train-lite.log").read_text()
+    for name in ("lung", "dcn", "spm"):
+        before = torch.load(out / f"lite-{name}.pt", weights_only=True)
+        after = torch.load(tuned / f"lite-{name}.pt", weights_only=True)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
