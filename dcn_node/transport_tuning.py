@@ -28,6 +28,14 @@ the thread has work:
 No thread spins: an earlier version that slept 0-50 us while busy starved other
 associations of the GIL on 2 cores (C-STOREs stalled past 30 s under 8 senders).
 
+Responses stay with the thread waiting for them
+-----------------------------------------------
+pynetdicom's pause of a requestor's reactor (while ``send_c_store`` waits for its response)
+reads a flag the reactor may have set just before it woke; on a busy CPU, with a peer that
+answers fast, the reactor can take the response and drop it as unexpected, and the sender
+times out after 30 s. :func:`_get_msg_leaving_responses` leaves responses in a requestor's
+queue for the blocking ``get_msg`` of the thread that sent the request.
+
 C-STORE responses
 -----------------
 pynetdicom turns every response primitive into a pydicom command-set Dataset and encodes it
@@ -178,6 +186,26 @@ def _run_reactor_then_close_wake_pair(self: Any) -> None:
             end.close()
 
 
+_original_get_msg = pynetdicom.dimse.DIMSEServiceProvider.get_msg
+
+
+def _get_msg_leaving_responses(self: Any, block: bool = False) -> Any:
+    """``DIMSEServiceProvider.get_msg`` that never hands a requestor's reactor a response.
+
+    The reactor polls with ``block=False``; the user thread in ``send_c_store`` & co. waits
+    with ``block=True`` for its response. pynetdicom pauses the reactor for that, but the
+    pause reads a flag the reactor may have set a moment before it woke, so on a busy CPU
+    the reactor can still take the response ("Received unexpected C-STORE service
+    message") and the user thread times out. A fast peer (ours) makes that likelier, so
+    responses stay in the queue for the thread they belong to."""
+    if not block and self.assoc.is_requestor:
+        with self.msg_queue.mutex:
+            head = self.msg_queue.queue[0] if self.msg_queue.queue else None
+        if head is not None and head[1] is not None and not head[1].is_valid_request:
+            return None, None
+    return _original_get_msg(self, block)
+
+
 def _element(element: int, value: bytes) -> bytes:
     """A command-group (0000,eeee) element in implicit VR little endian."""
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
@@ -299,6 +327,8 @@ def install() -> bool:
     dul_class.run_reactor = _run_reactor_then_close_wake_pair  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = (  # type: ignore[method-assign]
         _send_msg_fast_store_response)
+    pynetdicom.dimse.DIMSEServiceProvider.get_msg = (  # type: ignore[method-assign]
+        _get_msg_leaving_responses)
     install_bulk_recv()
     _installed = True
     return True
@@ -313,4 +343,5 @@ def uninstall() -> None:
     pynetdicom.dul.DULServiceProvider.send_pdu = _original_send_pdu  # type: ignore
     pynetdicom.dul.DULServiceProvider.run_reactor = _original_run_reactor  # type: ignore
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _original_send_msg  # type: ignore
+    pynetdicom.dimse.DIMSEServiceProvider.get_msg = _original_get_msg  # type: ignore
     _installed = _bulk_installed = False

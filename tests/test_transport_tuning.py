@@ -49,3 +49,30 @@ def test_responses_with_more_than_six_elements_are_left_to_pynetdicom() -> None:
     without_class.MessageIDBeingRespondedTo = 1
     without_class.Status = 0xC000
     assert encode_store_response(without_class) is None
+
+
+def test_a_requestors_reactor_leaves_responses_to_the_waiting_thread() -> None:
+    import queue
+    from types import SimpleNamespace
+
+    from dcn_node.transport_tuning import _get_msg_leaving_responses
+
+    response = _response(0x0000, 1, "1.2.3")
+    request = C_STORE()
+    request.MessageID = 2
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = "1.2.4"
+    request.Priority = 2
+    request.DataSet = __import__("io").BytesIO(b"\0")
+    requestor = SimpleNamespace(assoc=SimpleNamespace(is_requestor=True),
+                                msg_queue=queue.Queue(), dimse_timeout=1)
+    requestor.msg_queue.put((1, response))
+    # The reactor's poll (block=False) does not take it; the user thread's wait does.
+    assert _get_msg_leaving_responses(requestor, block=False) == (None, None)
+    assert _get_msg_leaving_responses(requestor, block=True) == (1, response)
+    requestor.msg_queue.put((1, request))  # a request (from the peer) is the reactor's
+    assert _get_msg_leaving_responses(requestor, block=False) == (1, request)
+    acceptor = SimpleNamespace(assoc=SimpleNamespace(is_requestor=False),
+                               msg_queue=queue.Queue(), dimse_timeout=1)
+    acceptor.msg_queue.put((1, response))  # acceptors: pynetdicom's behaviour unchanged
+    assert _get_msg_leaving_responses(acceptor, block=False) == (1, response)
