@@ -303,11 +303,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dcn_node.training.evaluation import evaluate_on_phantoms
 
     configure_logging("INFO")
-    engine = Engine(args.models or DEFAULT_MODELS_DIR, args.profile, args.device)
-    baseline = None
-    if args.compare_naive:
-        baseline = Engine(args.models or DEFAULT_MODELS_DIR, args.profile, args.device,
-                          optimized=False)
+    models = args.models or DEFAULT_MODELS_DIR
+    engine = Engine(models, args.profile, args.device)
+    baseline = (Engine(models, args.profile, args.device, optimized=False)
+                if args.compare_naive else None)
     report = evaluate_on_phantoms(engine, args.out, args.cases, EVAL_SEED_BASE + args.seed,
                                   keep_cases=args.keep_cases, baseline=baseline)
     print(report)

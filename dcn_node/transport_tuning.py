@@ -20,8 +20,7 @@ the thread has work:
 
 - an acceptor's reactor waits on the DIMSE message queue's own condition, which pynetdicom's
   ``queue.put`` notifies when the DUL thread hands over a decoded message (and passes the
-  notification on, since ``put`` wakes only one waiter and a user thread may be waiting
-  in ``get_msg`` for that message);
+  notification on, since ``put`` wakes only one waiter);
 - the DUL thread waits in ``select`` on its socket and on a wake-up socket pair that
   :func:`_send_pdu_and_wake` writes to when the reactor queues a response.
 
@@ -61,7 +60,6 @@ installs the bulk reads for that reason (:func:`install_bulk_recv`); the waits f
 from __future__ import annotations
 
 import logging
-import queue
 import select
 import socket
 import ssl
@@ -114,7 +112,7 @@ def _dul_wait(dul: pynetdicom.dul.DULServiceProvider, seconds: float) -> None:
     if wake_read in readable:
         try:
             wake_read.recv(4096)
-        except (BlockingIOError, OSError):
+        except OSError:  # nothing left to drain, or closing
             pass
 
 
@@ -125,10 +123,9 @@ def _reactor_wait(assoc: pynetdicom.association.Association, seconds: float) -> 
         if not messages.queue:
             messages.not_empty.wait(seconds)
         if messages.queue:
-            # ``Queue.put`` wakes one waiter. A user thread may be blocked in ``get_msg``
-            # for this very message (a requestor waiting for its C-STORE response, while
-            # pynetdicom pauses this reactor): if the wake-up came here, pass it on, or
-            # that thread sleeps through its DIMSE timeout.
+            # ``Queue.put`` wakes one waiter: if another thread also waits in ``get_msg``
+            # (a handler using pynetdicom's send_* on this association), pass the wake-up
+            # on, or it sleeps through its DIMSE timeout.
             messages.not_empty.notify()
 
 
@@ -173,7 +170,7 @@ def _send_pdu_and_wake(self: Any, primitive: Any) -> None:
     if pair is not None:
         try:
             pair[1].send(b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass  # already a wake-up pending, or closing
 
 
@@ -309,8 +306,7 @@ def install() -> bool:
         and getattr(pynetdicom.dul.DULServiceProvider, "run_reactor", None)
         is _original_run_reactor
         and hasattr(pynetdicom.dimse.DIMSEServiceProvider, "maximum_pdu_size")
-        and isinstance(getattr(pynetdicom.dimse.DIMSEServiceProvider(None), "msg_queue", None),
-                       queue.Queue)
+        and hasattr(pynetdicom.dimse.DIMSEServiceProvider, "get_msg")
     )
     if not expected:
         LOGGER.warning(

@@ -195,11 +195,9 @@ class Engine:
             fold_batch_norms(self.dcn)
             self.lung_model.to(memory_format=torch.channels_last)
             self.dcn.to(memory_format=torch.channels_last)
-            if not reduced_precision:
-                pass
-            elif self.device.type != "cpu":
+            if reduced_precision and self.device.type != "cpu":
                 self.autocast_dtype = torch.float16
-            elif cpu_supports_bfloat16():
+            elif reduced_precision and cpu_supports_bfloat16():
                 self.autocast_dtype = torch.bfloat16
         LOGGER.info(
             "Model %s (%s) on %s, %s", self.model_version, profile, self.device,

@@ -79,6 +79,13 @@ def _batches(items, size: int) -> list:  # type: ignore[no-untyped-def]
     return [items[i * size:(i + 1) * size] for i in range(steps)]
 
 
+def _slices_with_lesion(case: Case) -> np.ndarray:
+    """Per slice: does the case's lesion mask mark anything (all False without a mask)."""
+    if case.lesion is None:
+        return np.zeros(len(case.image), bool)
+    return case.lesion.reshape(len(case.lesion), -1).any(1)
+
+
 class _Progress:
     """One log line per ~10 % of an epoch: step, loss, speed."""
 
@@ -220,8 +227,8 @@ class Trainer:
             raise DcnNodeError("no training case has a lung mask: the lung U-Net and the DCN "
                                "need lung masks (manifest column lung_mask)")
         per_epoch = settings.lung_slices_per_epoch or len(pool)
-        with_lesion = [(c, s) for c, s in pool if self.cases[c].lesion is not None
-                       and self.cases[c].lesion[s].any()]
+        lesion_slices = [_slices_with_lesion(case) for case in self.cases]
+        with_lesion = [(c, s) for c, s in pool if lesion_slices[c][s]]
         lesion_share = min(len(with_lesion), round(per_epoch * settings.lung_lesion_fraction))
 
         def step(refs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -249,10 +256,7 @@ class Trainer:
             if case.lung is None:
                 continue
             has_lung = case.lung.reshape(len(case.lung), -1).any(1)
-            if case.lesion is not None:
-                has_lesion = case.lesion.reshape(len(case.lesion), -1).any(1)
-            else:
-                has_lesion = np.zeros(len(case.image), bool)
+            has_lesion = _slices_with_lesion(case)
             for s in np.flatnonzero(has_lung):
                 (positives if has_lesion[s] else negatives).append((c, int(s)))
         LOGGER.info("dcn: %d lesion slices, %d lesion-free lung slices", len(positives),
