@@ -59,6 +59,9 @@ _FUNCTIONAL_GROUPS = frozenset(int(Tag(keyword)) for keyword in (
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
+_IMPLICIT_HEADER = struct.Struct("<HHI").unpack_from
+_EXPLICIT_HEADER = struct.Struct("<HH2sH").unpack_from
+_UINT32 = struct.Struct("<I").unpack_from
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,16 @@ class _Values:
 
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
+        # The dataset's element dict, read without pydicom's per-access tag conversion.
+        self._elements = getattr(ds, "_dict", None)
 
     def _raw(self, keyword: str) -> Any:
-        return self.ds.get_item(_TAG_BY_KEYWORD[keyword]) if keyword in _TAG_BY_KEYWORD else None
+        tag = _TAG_BY_KEYWORD.get(keyword)
+        if tag is None:
+            return None
+        if self._elements is None:
+            return self.ds.get_item(tag)
+        return self._elements.get(tag)
 
     def text(self, keyword: str) -> str:
         """The value as one string ('' when absent); multiple values stay backslash-joined."""
@@ -361,16 +371,30 @@ def _scan_header(stream: BinaryIO, implicit: bool) -> Dataset:
         data = buffer[start:]
         offset, end = 0, len(data)
         try:
+            # The loop of _element_header, inlined: it runs ~70 times per image.
             while offset < end:
                 if offset + 8 > end:
                     raise _NotScanned  # a torn element header: pydicom says what it is
-                tag, vr, length, value = _element_header(data, offset, implicit)
+                if implicit:
+                    group, element, length = _IMPLICIT_HEADER(data, offset)
+                    vr, value = None, offset + 8
+                else:
+                    group, element, vr, length = _EXPLICIT_HEADER(data, offset)
+                    if group == 0xFFFE:  # items and delimiters have no VR
+                        length, vr, value = _UINT32(data, offset + 4)[0], None, offset + 8
+                    elif vr in _LONG_VRS:
+                        length, value = _UINT32(data, offset + 8)[0], offset + 12
+                    elif not vr.isalpha():
+                        raise _NotScanned
+                    else:
+                        value = offset + 8
+                tag = group << 16 | element
                 if tag >= _PIXEL_DATA:
                     break
                 if tag in _FUNCTIONAL_GROUPS:
                     raise _NotScanned
                 if length == _UNDEFINED:
-                    if vr == "UN":  # its items are implicit VR whatever the syntax
+                    if vr == b"UN":  # its items are implicit VR whatever the syntax
                         raise _NotScanned
                     offset = _skip_undefined(data, value, implicit, _SEQUENCE_DELIMITER)
                     continue
@@ -378,8 +402,9 @@ def _scan_header(stream: BinaryIO, implicit: bool) -> Dataset:
                     raise _NotScanned
                 if tag in _WANTED:
                     elements[BaseTag(tag)] = RawDataElement(
-                        BaseTag(tag), vr, length, bytes(data[value:value + length]),
-                        start + value, implicit, True, True, False)
+                        BaseTag(tag), vr.decode("ascii") if vr else None, length,
+                        bytes(data[value:value + length]), start + value, implicit, True,
+                        True, False)
                 offset = value + length
         except (struct.error, RecursionError) as exc:
             raise _NotScanned from exc

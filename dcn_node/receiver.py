@@ -266,6 +266,9 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         limits.set_limits(ae, node.maximum_pdu_size, node.max_dataset_bytes,
                           self._bad_input)
+        # Our C-STORE handler sends nothing back on the association: it may run on the
+        # thread that read the request (dcn_node/transport_tuning.py).
+        transport_tuning.serve_stores_inline(ae)
         return ae
 
     def _bad_input(self, code: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -158,9 +159,13 @@ def _header_from_json(text: str) -> InstanceHeader:
     return InstanceHeader(**data)
 
 
+_UNSAFE_IN_PATH = re.compile(r"[^0-9A-Za-z.]")
+
+
 def _safe_component(uid: str) -> str:
     # UIDs are digits and dots; anything else (a malformed UID) must not escape the spool.
-    return "".join(c if c.isalnum() or c == "." else "_" for c in uid)[:64] or "_"
+    safe = _UNSAFE_IN_PATH.sub("_", uid)[:64]
+    return safe if safe.strip(".") else "_"  # never "", "." or ".."
 
 
 class Spool:

@@ -258,6 +258,26 @@ def test_instance_without_valid_uids_is_quarantined_as_raw_bytes(tmp_path: Path)
     assert quarantine_usage(tmp_path) == (1, quarantine.used_bytes)
 
 
+@pytest.mark.parametrize("bad_uid", ["..", ".", "", "1.2/../../etc", "..\\x", "1.2.\u00e9"])
+def test_spool_paths_stay_in_the_spool_whatever_the_uids(tmp_path: Path, bad_uid: str) -> None:
+    """Malformed UIDs (the header reader accepts any text) never name a file outside the
+    spool's instance folder, nor a folder shared by unrelated UIDs like "." or ".."."""
+    from dataclasses import replace
+
+    from dcn_node.header import header_from_dataset
+    from dcn_node.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    header = replace(header_from_dataset(ct_series(1)[0]), study_instance_uid=bad_uid,
+                     series_instance_uid=bad_uid, sop_instance_uid=bad_uid)
+    path = spool.instance_path(header).resolve()
+    instances = spool.instances_dir.resolve()
+    assert path.is_relative_to(instances)
+    assert len(path.relative_to(instances).parts) == 3
+    assert all(part.strip(".") for part in path.relative_to(instances).parts)
+    spool.close()
+
+
 def test_compressed_syntaxes_without_a_decoder_are_not_negotiated(start_node) -> None:
     node = start_node()
     assert JPEGBaseline8Bit not in accepted_transfer_syntaxes()

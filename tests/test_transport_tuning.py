@@ -76,3 +76,145 @@ def test_a_requestors_reactor_leaves_responses_to_the_waiting_thread() -> None:
                                msg_queue=queue.Queue(), dimse_timeout=1)
     acceptor.msg_queue.put((1, response))  # acceptors: pynetdicom's behaviour unchanged
     assert _get_msg_leaving_responses(acceptor, block=False) == (1, response)
+
+
+# -- C-STORE requests decoded directly -------------------------------------------------------
+
+
+def _received_store_request(instance_uid: str, priority: int = 2, message_id: int = 7,
+                            move_originator: str | None = None):  # type: ignore[no-untyped-def]
+    """A C-STORE-RQ message as pynetdicom's DIMSE layer holds it once received."""
+    import io
+
+    from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+
+    request = C_STORE()
+    request.MessageID = message_id
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = instance_uid
+    request.Priority = priority
+    if move_originator is not None:
+        request.MoveOriginatorApplicationEntityTitle = move_originator
+        request.MoveOriginatorMessageID = 3
+    request.DataSet = io.BytesIO(b"\x08\x00\x18\x00" + b"\0" * 60)
+    sent = C_STORE_RQ()
+    sent.primitive_to_message(request)
+    received = DIMSEMessage()
+    done = False
+    for pdata in sent.encode_msg(1, 16382):
+        done = received.decode_msg(pdata)
+    assert done
+    return received
+
+
+_REQUEST_FIELDS = ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
+                   "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID",
+                   "_context_id", "_dataset_path", "_dataset_file")
+
+
+@pytest.mark.parametrize("priority", [0, 1, 2])
+@pytest.mark.parametrize("instance_uid", ["1.2.3.4", "1.2.3.45", "2.25.0",
+                                          "1." + "2" * 62])
+@pytest.mark.parametrize("message_id", [0, 1, 65535])
+def test_store_requests_read_directly_equal_pynetdicom(priority: int, instance_uid: str,
+                                                       message_id: int) -> None:
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    from dcn_node.transport_tuning import store_request_from_message
+
+    message = _received_store_request(instance_uid, priority, message_id)
+    fast = store_request_from_message(message)
+    reference = DIMSEMessage.message_to_primitive(message)
+    assert fast is not None
+    for field in _REQUEST_FIELDS:
+        assert getattr(fast, field) == getattr(reference, field), field
+    assert fast.DataSet is reference.DataSet  # the received buffer itself, not a copy
+    assert type(fast.AffectedSOPInstanceUID) is type(reference.AffectedSOPInstanceUID)
+
+
+@pytest.mark.parametrize("instance_uid", ["1.02.3", "1.2.x", "1.2..3", "1.2.3 4"])
+def test_unusual_store_requests_are_left_to_pynetdicom(instance_uid: str) -> None:
+    """Non-conformant UIDs get pynetdicom's own warnings or errors."""
+    from dcn_node.transport_tuning import store_request_from_message
+
+    assert store_request_from_message(_received_store_request(instance_uid)) is None
+
+
+def test_store_requests_of_move_sub_operations_are_left_to_pynetdicom() -> None:
+    from dcn_node.transport_tuning import store_request_from_message
+
+    message = _received_store_request("1.2.3", move_originator="MOVER")
+    assert store_request_from_message(message) is None
+
+
+def test_command_sets_with_other_elements_are_left_to_pynetdicom() -> None:
+    import struct
+
+    from dcn_node.transport_tuning import _command_elements
+
+    good = _received_store_request("1.2.3").encoded_command_set.getvalue()
+    assert _command_elements(good) is not None
+    extra = struct.pack("<HHI", 0x0000, 0x0900, 2) + b"\0\0"  # Status: not in a request
+    assert _command_elements(good + extra) is None
+    assert _command_elements(good[:-1]) is None  # torn last value
+    assert _command_elements(good + good[:20]) is None  # repeated elements
+
+
+# -- C-STOREs served on the DUL thread --------------------------------------------------------
+
+
+def test_store_requests_are_served_on_the_thread_that_read_them() -> None:
+    """A marked AE runs its C-STORE handler on the DUL thread; C-ECHO still goes to the
+    reactor; failures in the handler are answered as pynetdicom answers them; release is
+    prompt."""
+    import threading
+    import time
+
+    import pynetdicom.dul
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from dcn_node import transport_tuning
+
+    assert transport_tuning.install()
+    threads: list[threading.Thread] = []
+
+    def on_store(event: evt.Event) -> int:
+        threads.append(threading.current_thread())
+        if event.request.AffectedSOPInstanceUID.endswith(".666"):
+            raise RuntimeError("handler failure")
+        return 0x0000
+
+    scp = AE(ae_title="INLINE")
+    scp.add_supported_context(CTImageStorage)
+    scp.add_supported_context(Verification)
+    transport_tuning.serve_stores_inline(scp)
+    server = scp.start_server(("127.0.0.1", 0), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        port = server.server_address[1]
+        scu = AE(ae_title="SENDER")
+        scu.add_requested_context(CTImageStorage)
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="INLINE")
+        assert assoc.is_established
+        statuses = []
+        for suffix in ("1", "2", "666", "3"):
+            ds = Dataset()
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = "1.2.826.0.1." + suffix
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            statuses.append(assoc.send_c_store(ds).Status)
+        assert assoc.send_c_echo().Status == 0x0000
+        started = time.monotonic()
+        assoc.release()
+        released_in = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert statuses == [0x0000, 0x0000, 0xC211, 0x0000]  # pynetdicom's "handler failed"
+    assert len(threads) == 4
+    assert all(isinstance(t, pynetdicom.dul.DULServiceProvider) for t in threads)
+    assert released_in < 1.0
