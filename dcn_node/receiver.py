@@ -279,8 +279,9 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening (returns at once; associations run on their own threads)."""
-        # Bulk reads always: they carry the PDU length limit (dcn_node/limits.py).
-        transport_tuning.install_bulk_recv()
+        # Always: bulk reads carry the PDU length limit (dcn_node/limits.py), and
+        # pynetdicom's requestors must keep their responses (our sender is one).
+        transport_tuning.install_safeguards()
         if self.settings.node.transport_tuning:
             transport_tuning.install()
         node = self.settings.node

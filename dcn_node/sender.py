@@ -29,6 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 
+from dcn_node import transport_tuning
 from dcn_node.config import Destination, SenderSettings
 from dcn_node.outbox import Delivery, Outbox
 
@@ -118,6 +119,8 @@ class DestinationSender:
         )
 
     def start(self) -> None:
+        # pynetdicom's requestor may lose a fast response to its own reactor otherwise.
+        transport_tuning.install_safeguards()
         self._thread.start()
 
     @property

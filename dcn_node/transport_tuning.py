@@ -75,8 +75,8 @@ straight into one preallocated buffer with ``recv_into``, as many bytes as the k
 The buffer grows with what arrives (at most :data:`MAX_PREALLOCATION_BYTES` ahead), never
 to the length a peer merely declares, and PDUs over the receiving AE's limit are refused
 before anything is read (:func:`dcn_node.limits.check_pdu_length`). The Storage SCP always
-installs the bulk reads for that reason (:func:`install_bulk_recv`); the waits follow
-``node.transport_tuning``.
+installs the bulk reads for that reason, and the response fix above with them
+(:func:`install_safeguards`); the rest follows ``node.transport_tuning``.
 """
 
 from __future__ import annotations
@@ -488,11 +488,16 @@ def _time_module_with(sleep: Any) -> types.ModuleType:
     return shim
 
 
-def install_bulk_recv() -> None:
-    """Install :func:`bulk_recv` (idempotent): big reads, bounded allocation, PDU limit."""
+def install_safeguards() -> None:
+    """Install what every dcn-node process needs whatever ``node.transport_tuning`` says
+    (idempotent): :func:`bulk_recv` (bounded allocation, the PDU limit) and
+    :func:`_get_msg_leaving_responses` (a requestor's responses reach the thread waiting
+    for them: the node's own sender, and the test suite's senders)."""
     global _bulk_installed
     if not _bulk_installed:
         pynetdicom.transport.AssociationSocket.recv = bulk_recv  # type: ignore[method-assign]
+        pynetdicom.dimse.DIMSEServiceProvider.get_msg = (  # type: ignore[method-assign]
+            _get_msg_leaving_responses)
         _bulk_installed = True
 
 
@@ -533,12 +538,10 @@ def install() -> bool:
     dul_class.run_reactor = _run_reactor_then_close_wake_pair  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = (  # type: ignore[method-assign]
         _send_msg_fast_store_response)
-    pynetdicom.dimse.DIMSEServiceProvider.get_msg = (  # type: ignore[method-assign]
-        _get_msg_leaving_responses)
     pynetdicom.dimse.DIMSEServiceProvider.__init__ = (  # type: ignore[method-assign]
         _dimse_init_serving_stores_inline)
     C_STORE_RQ.message_to_primitive = _store_message_to_primitive  # type: ignore
-    install_bulk_recv()
+    install_safeguards()
     _installed = True
     return True
 

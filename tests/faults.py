@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from dcn_node import transport_tuning
 from tests.conftest import NODE_AET
 from tests.dicom_factory import ct_series
 from tests.node_process import NodeProcess
@@ -53,6 +54,10 @@ class RetryingSender(threading.Thread):
         return len(self.acknowledged) == len(self.datasets)
 
     def run(self) -> None:
+        # Stock pynetdicom's requestor can lose a fast response to its own reactor (its
+        # pause is racy; pynetdicom issues #842/#850 describe the symptom): a PACS has no
+        # such race, so the stand-in for one must not have it either.
+        transport_tuning.install_safeguards()
         while not self.done and time.monotonic() < self._deadline:
             ae = AE(ae_title=self.calling_aet)
             ae.add_requested_context(CTImageStorage)

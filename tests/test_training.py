@@ -95,6 +95,9 @@ def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
     log = (out / "train-lite.log").read_text()
     assert "lung: resuming after epoch 1" in log and "lung epoch 2/2" in log
     assert "lung epoch 1/2" not in log
+    # Other networks: the slice probabilities the mapping learns from are computed again.
+    assert log.count("spm: slice probabilities of 2/2 training cases") == 2
+    assert "cases from" not in log
     manifest_json = json.loads((out / "lite-manifest.json").read_text())
     assert set(manifest_json["files"]) == {"lung", "dcn", "spm"}
     for entry in manifest_json["files"].values():
@@ -112,3 +115,12 @@ def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
         after = torch.load(tuned / f"lite-{name}.pt", weights_only=True)
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before)
+    # More mapping epochs on the same networks and cases: their slice probabilities are
+    # read back, not computed again.
+    fourth = _train(tuned, cache, "--manifest", str(manifest), "--init-from", str(out),
+                    "--lung-epochs", "0", "--dcn-epochs", "0", "--spm-epochs", "2")
+    assert fourth.returncode == 0, fourth.stderr
+    tuned_log = (tuned / "train-lite.log").read_text()
+    assert "spm: slice probabilities of 2 cases from" in tuned_log
+    assert tuned_log.count("spm: slice probabilities of 2/2 training cases") == 1
+    assert "spm epoch 2/2" in tuned_log

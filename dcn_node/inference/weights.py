@@ -38,6 +38,14 @@ def manifest_path(models_dir: Path, profile: str) -> Path:
     return Path(models_dir) / f"{profile}-manifest.json"
 
 
+def model_version_for(profile: str, files: dict[str, dict[str, str]]) -> str:
+    """``PROFILE-YYYYMMDD-xxxxxxxx``: the training date, and the start of a hash of the
+    networks' SHA-256s, so two sets of weights trained the same day never share a version
+    (it is written into every result object)."""
+    digest = hashlib.sha256("".join(files[name]["sha256"] for name in NETWORKS).encode())
+    return f"{profile}-{time.strftime('%Y%m%d')}-{digest.hexdigest()[:8]}"
+
+
 def save_weights(out_dir: Path, settings: Any, lung: torch.nn.Module, dcn: torch.nn.Module,
                  spm: torch.nn.Module) -> Path:
     """Write the state dicts (loadable with ``weights_only=True``) and the manifest of
@@ -52,7 +60,7 @@ def save_weights(out_dir: Path, settings: Any, lung: torch.nn.Module, dcn: torch
         files[name] = {"file": path.name, "sha256": sha256_of(path)}
     manifest = manifest_path(out_dir, settings.profile)
     manifest.write_text(json.dumps({
-        "model_version": f"{settings.profile}-{time.strftime('%Y%m%d')}",
+        "model_version": model_version_for(settings.profile, files),
         "software_version": __version__,
         "profile": asdict(PROFILES[settings.profile]),
         "training": asdict(settings),
