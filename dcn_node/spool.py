@@ -244,24 +244,39 @@ class Spool:
         temp = self.incoming_dir / f"{path.name}.{threading.get_ident()}.tmp"
         size = 0
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             with open(temp, "wb") as handle:
                 for part in parts:
                     size += handle.write(part)
                 if self.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
-            os.replace(temp, path)
+            try:
+                os.replace(temp, path)
+            except FileNotFoundError:
+                # The series' first instance, or its folder was cleaned up since: make it
+                # now rather than asking the file system on every instance.
+                self._make_folder(folder)
+                os.replace(temp, path)
             if self.fsync:
-                dir_fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                self._fsync_folder(folder)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             raise SpoolWriteError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
         return size
+
+    def _make_folder(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.fsync:  # the new folders' own entries must survive a power loss too
+            for parent in (folder.parent, folder.parent.parent):
+                self._fsync_folder(parent)
+
+    @staticmethod
+    def _fsync_folder(folder: Path) -> None:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def store_instance(
         self,

@@ -1,8 +1,13 @@
-"""pynetdicom transport tuning: event-driven waits instead of 1 ms polling, bulk reads.
+"""pynetdicom transport tuning: the receive path of a C-STORE without pynetdicom's
+per-message overheads, event-driven waits instead of 1 ms polling, bulk reads.
 
 Measured on a 300-image 512x512 CT sent by dcmtk's storescu over loopback; see
-bench/ingest.py. Both changes touch pynetdicom internals, are checked against the version
-they were written for, and leave pynetdicom untouched (with a warning) when it differs.
+bench/ingest.py (storescu waits for each response, so every microsecond spent per image
+is paid in full). Each change below touches pynetdicom internals, is checked against the
+version it was written for, and :func:`install` leaves pynetdicom untouched (with a
+warning) when it differs. Where a change skips a pynetdicom step, it does so only where
+that step would do nothing (a state transition to the same state, a check already made,
+events nobody listens to) and hands anything else to pynetdicom.
 
 Waits instead of polling sleeps
 -------------------------------
@@ -58,6 +63,18 @@ else (C-ECHO, a request on an unknown context, during release) goes to the react
 before. A service class that fails is logged and the association aborted from a helper
 thread, as pynetdicom's reactor does (an abort from the DUL thread would wait on itself).
 
+P-DATA read directly
+--------------------
+For every PDU pynetdicom builds a PDU object and its items, a P-DATA primitive, an event for
+its state machine and a transition (~30 % of the receiving thread's time per image,
+cProfile). A P-DATA-TF PDU in an established association (Sta6 + Evt10 -> DT-2, which
+leaves the state at Sta6) only hands its presentation data values to the DIMSE layer, so
+:func:`_read_pdu_data_direct` does just that for the marked AEs: it peeks at the PDU type,
+reads the PDU, splits its PDV items and calls the same ``receive_primitive`` DT-2 calls
+(with the dataset-size limit of :mod:`dcn_node.limits`). Any other PDU, any other state, a
+TLS socket, or an association with PDU or data events bound goes through pynetdicom; a
+malformed item list gets pynetdicom's answer (Evt19: abort).
+
 C-STORE requests decoded directly
 ---------------------------------
 pynetdicom turns a received command set into a C-STORE primitive by iterating a pydicom
@@ -96,6 +113,7 @@ from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dimse
+import pynetdicom.dimse_primitives
 import pynetdicom.dul
 import pynetdicom.transport
 from pydicom import config as pydicom_config
@@ -405,11 +423,29 @@ def _command_elements(encoded: bytes) -> dict[int, bytes] | None:
     return elements
 
 
+class _CheckedUID(UID):
+    """A UID already found conformant and 1-64 characters long: pynetdicom's ``set_uid``
+    would accept it without a word, so :func:`_set_uid_trusting_checked` passes it on
+    as is (the C-STORE response repeats the request's UIDs)."""
+
+
 def _conformant_uid(raw: bytes) -> UID | None:
     text = raw.rstrip(b"\0 ").decode("ascii", "replace")
     if 0 < len(text) <= 64 and _CONFORMANT_UID.fullmatch(text):
-        return UID(text, validation_mode=pydicom_config.IGNORE)
+        return _CheckedUID(text, validation_mode=pydicom_config.IGNORE)
     return None
+
+
+_original_set_uid = pynetdicom.dimse_primitives.set_uid
+
+
+def _set_uid_trusting_checked(value: Any, name: str, allow_empty: bool = True,
+                              allow_none: bool = True, validate: bool = True) -> UID | None:
+    """pynetdicom's ``set_uid`` for DIMSE primitives, minus the second check of a
+    :class:`_CheckedUID` (its regular-expression checks were ~6 % of the receive thread)."""
+    if type(value) is _CheckedUID:
+        return value
+    return _original_set_uid(value, name, allow_empty, allow_none, validate)
 
 
 def _us(raw: bytes) -> int | None:
@@ -456,6 +492,73 @@ _original_message_to_primitive = DIMSEMessage.message_to_primitive
 def _store_message_to_primitive(self: Any) -> Any:
     """``C_STORE_RQ.message_to_primitive`` with :func:`store_request_from_message` first."""
     return store_request_from_message(self) or _original_message_to_primitive(self)
+
+
+_P_DATA_TF = 0x04
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_LENGTH = struct.Struct(">L").unpack_from
+#: Events pynetdicom triggers while reading and decoding a PDU: bound handlers need its path.
+_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+
+
+def _pdv_items(body: bytearray) -> list[tuple[int, bytes]] | None:
+    """The (context ID, control header + fragment) pairs of a P-DATA-TF PDU's body, as
+    pynetdicom's P-DATA primitive holds them; None when the item list is malformed."""
+    items, offset, end = [], 0, len(body)
+    with memoryview(body) as view:
+        while offset < end:
+            if offset + 6 > end:
+                return None
+            length = _PDV_LENGTH(body, offset)[0]
+            if length < 2 or offset + 4 + length > end:
+                return None
+            items.append((body[offset + 4], bytes(view[offset + 5:offset + 4 + length])))
+            offset += 4 + length
+    return items
+
+
+_original_read_pdu_data = pynetdicom.dul.DULServiceProvider._read_pdu_data
+
+
+def _read_pdu_data_direct(self: Any) -> None:
+    """``DULServiceProvider._read_pdu_data`` that hands a P-DATA-TF PDU of an established,
+    marked association straight to the DIMSE layer (what DT-2 does); anything else goes
+    to pynetdicom's own reading."""
+    assoc = self.assoc
+    sock = getattr(self.socket, "socket", None)
+    if (not getattr(assoc.ae, _INLINE_ATTRIBUTE, False) or not assoc.is_acceptor
+            or sock is None or isinstance(sock, ssl.SSLSocket)
+            or self.state_machine.current_state != "Sta6"
+            or any(assoc.get_handlers(event) for event in _PDU_EVENTS)):
+        return _original_read_pdu_data(self)
+    try:
+        head = sock.recv(6, socket.MSG_PEEK)
+    except (OSError, ValueError):
+        head = b""
+    if len(head) < 6 or head[0] != _P_DATA_TF:
+        return _original_read_pdu_data(self)
+    pdu_length = _PDU_HEADER.unpack(head)[2]
+    try:
+        self.socket.recv(6)  # the header just peeked at
+        body = self.socket.recv(pdu_length)  # refuses a PDU over the AE's limit
+    except (OSError, TimeoutError) as exc:
+        LOGGER.error("Connection closed before the entire PDU was received (%s)", exc)
+        self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom does
+        return None
+    if len(body) != pdu_length:
+        LOGGER.error("The received PDU is shorter than expected (%d of %d bytes received)",
+                     len(body) + 6, pdu_length + 6)
+        self.event_queue.put("Evt17")
+        return None
+    items = _pdv_items(body)
+    if items is None:
+        LOGGER.error("Unable to decode the received PDU data: malformed PDV item list")
+        self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+        return None
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.extend(items)
+    assoc.dimse.receive_primitive(primitive)
+    return None
 
 
 def bulk_recv(self: Any, nr_bytes: int) -> bytearray:
@@ -522,6 +625,8 @@ def install() -> bool:
         and hasattr(pynetdicom_config, "UNRESTRICTED_STORAGE_SERVICE")
         and "message_to_primitive" not in vars(C_STORE_RQ)
         and hasattr(C_STORE(), "_affected_sop_instance_uid")
+        and getattr(pynetdicom.dimse_primitives, "set_uid", None) is _original_set_uid
+        and pynetdicom.dul.DULServiceProvider._read_pdu_data is _original_read_pdu_data
     )
     if not expected:
         LOGGER.warning(
@@ -541,6 +646,8 @@ def install() -> bool:
     pynetdicom.dimse.DIMSEServiceProvider.__init__ = (  # type: ignore[method-assign]
         _dimse_init_serving_stores_inline)
     C_STORE_RQ.message_to_primitive = _store_message_to_primitive  # type: ignore
+    pynetdicom.dimse_primitives.set_uid = _set_uid_trusting_checked  # type: ignore
+    dul_class._read_pdu_data = _read_pdu_data_direct  # type: ignore[method-assign]
     install_safeguards()
     _installed = True
     return True
@@ -557,6 +664,8 @@ def uninstall() -> None:
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _original_send_msg  # type: ignore
     pynetdicom.dimse.DIMSEServiceProvider.get_msg = _original_get_msg  # type: ignore
     pynetdicom.dimse.DIMSEServiceProvider.__init__ = _original_dimse_init  # type: ignore
+    pynetdicom.dimse_primitives.set_uid = _original_set_uid  # type: ignore
+    pynetdicom.dul.DULServiceProvider._read_pdu_data = _original_read_pdu_data  # type: ignore
     if "message_to_primitive" in vars(C_STORE_RQ):
         del C_STORE_RQ.message_to_primitive  # back to DIMSEMessage's
     _installed = _bulk_installed = False

@@ -278,6 +278,28 @@ def test_spool_paths_stay_in_the_spool_whatever_the_uids(tmp_path: Path, bad_uid
     spool.close()
 
 
+@pytest.mark.parametrize("fsync", [False, True])
+def test_an_instance_is_stored_after_its_series_folder_was_removed(tmp_path: Path,
+                                                                  fsync: bool) -> None:
+    """The spool makes a series folder when a file cannot be renamed into it (first
+    instance, or the folder cleaned up since), not by asking on every instance."""
+    import shutil
+
+    from dcn_node.header import header_from_dataset
+    from dcn_node.spool import Spool
+
+    spool = Spool(tmp_path / "spool", fsync=fsync)
+    first, second = (header_from_dataset(ds) for ds in ct_series(2))
+    spool.store_instance(first, (b"meta", b"body1"), transfer_syntax_uid=ExplicitVRLittleEndian,
+                         calling_ae_title="PACS")
+    shutil.rmtree(spool.instance_path(first).parent)
+    spool.store_instance(second, (b"meta", b"body2"),
+                         transfer_syntax_uid=ExplicitVRLittleEndian, calling_ae_title="PACS")
+    assert spool.instance_path(second).read_bytes() == b"metabody2"
+    assert not list(spool.incoming_dir.iterdir())  # no temp file left behind
+    spool.close()
+
+
 def test_compressed_syntaxes_without_a_decoder_are_not_negotiated(start_node) -> None:
     node = start_node()
     assert JPEGBaseline8Bit not in accepted_transfer_syntaxes()

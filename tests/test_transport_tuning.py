@@ -120,8 +120,9 @@ def test_store_requests_read_directly_equal_pynetdicom(priority: int, instance_u
                                                        message_id: int) -> None:
     from pynetdicom.dimse_messages import DIMSEMessage
 
-    from dcn_node.transport_tuning import store_request_from_message
+    from dcn_node.transport_tuning import install, store_request_from_message
 
+    assert install()
     message = _received_store_request(instance_uid, priority, message_id)
     fast = store_request_from_message(message)
     reference = DIMSEMessage.message_to_primitive(message)
@@ -129,7 +130,11 @@ def test_store_requests_read_directly_equal_pynetdicom(priority: int, instance_u
     for field in _REQUEST_FIELDS:
         assert getattr(fast, field) == getattr(reference, field), field
     assert fast.DataSet is reference.DataSet  # the received buffer itself, not a copy
-    assert type(fast.AffectedSOPInstanceUID) is type(reference.AffectedSOPInstanceUID)
+    assert isinstance(fast.AffectedSOPInstanceUID, type(reference.AffectedSOPInstanceUID))
+    # The response repeats the request's UIDs; pynetdicom's primitive takes them as they are.
+    response = C_STORE()
+    response.AffectedSOPInstanceUID = fast.AffectedSOPInstanceUID
+    assert response.AffectedSOPInstanceUID is fast.AffectedSOPInstanceUID
 
 
 @pytest.mark.parametrize("instance_uid", ["1.02.3", "1.2.x", "1.2..3", "1.2.3 4"])
@@ -163,10 +168,31 @@ def test_command_sets_with_other_elements_are_left_to_pynetdicom() -> None:
 # -- C-STOREs served on the DUL thread --------------------------------------------------------
 
 
-def test_store_requests_are_served_on_the_thread_that_read_them() -> None:
-    """A marked AE runs its C-STORE handler on the DUL thread; C-ECHO still goes to the
-    reactor; failures in the handler are answered as pynetdicom answers them; release is
-    prompt."""
+def test_pdv_items_are_split_as_pynetdicom_splits_them() -> None:
+    import struct
+
+    from pynetdicom.pdu import P_DATA_TF
+
+    from dcn_node.transport_tuning import _pdv_items
+
+    def item(context_id: int, data: bytes) -> bytes:
+        return struct.pack(">LB", len(data) + 1, context_id) + data
+
+    body = item(1, b"\x03command") + item(3, b"\x00" + bytes(range(256)) * 40) + item(5, b"\x02")
+    pdu = P_DATA_TF()
+    pdu.decode(struct.pack(">BBL", 4, 0, len(body)) + body)
+    expected = pdu.to_primitive().presentation_data_value_list
+    assert _pdv_items(bytearray(body)) == [tuple(pair) for pair in expected]
+    assert _pdv_items(bytearray(item(1, b""))) is None  # no control header
+    assert _pdv_items(bytearray(body + b"\0\0\0")) is None  # torn item header
+    assert _pdv_items(bytearray(body[:-1])) is None  # item longer than the PDU
+    assert _pdv_items(bytearray()) == []
+
+
+def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> None:
+    """A marked AE reads P-DATA directly and runs its C-STORE handler on the DUL thread;
+    C-ECHO still goes to the reactor; failures in the handler are answered as pynetdicom
+    answers them; release is prompt."""
     import threading
     import time
 
@@ -178,8 +204,17 @@ def test_store_requests_are_served_on_the_thread_that_read_them() -> None:
 
     from dcn_node import transport_tuning
 
+    from pynetdicom import _config
+
+    # As in the node (dcn_node/logs.py): pynetdicom's PDU-level log handlers unbound;
+    # bound, they need pynetdicom's own PDU reading.
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
     assert transport_tuning.install()
     threads: list[threading.Thread] = []
+    split = []
+    real_pdv_items = transport_tuning._pdv_items
+    monkeypatch.setattr(transport_tuning, "_pdv_items",
+                        lambda body: split.append(len(body)) or real_pdv_items(body))
 
     def on_store(event: evt.Event) -> int:
         threads.append(threading.current_thread())
@@ -217,4 +252,5 @@ def test_store_requests_are_served_on_the_thread_that_read_them() -> None:
     assert statuses == [0x0000, 0x0000, 0xC211, 0x0000]  # pynetdicom's "handler failed"
     assert len(threads) == 4
     assert all(isinstance(t, pynetdicom.dul.DULServiceProvider) for t in threads)
+    assert len(split) >= 2 * 4 + 1  # command and dataset of each C-STORE, the C-ECHO
     assert released_in < 1.0
