@@ -123,17 +123,24 @@ def bounded_receive_primitive(self: Any, primitive: Any) -> None:
     data_set = getattr(message, "data_set", None)
     if limits is None or not isinstance(data_set, BytesIO):
         return
-    size = data_set.tell()
-    if size <= limits.max_dataset_bytes:
-        return
+    if dataset_too_large(self.assoc, data_set.tell()):
+        message.data_set = BytesIO()
+        self.message = None
+        self.dul.event_queue.put("Evt19")  # invalid PDU -> A-ABORT, connection closed
+
+
+def dataset_too_large(assoc: Any, size: int) -> bool:
+    """True (logged and counted) when a dataset being received has grown past its AE's
+    ``max_dataset_bytes``: the caller drops it and aborts the association."""
+    limits = _limits_of(assoc)
+    if limits is None or size <= limits.max_dataset_bytes:
+        return False
     LOGGER.warning("Aborting association from %s: dataset over %d bytes exceeds "
                    "node.max_dataset_bytes (%d); not acknowledged, the sender keeps it",
-                   _peer(self.assoc), size, limits.max_dataset_bytes)
+                   _peer(assoc), size, limits.max_dataset_bytes)
     if limits.on_exceeded is not None:
         limits.on_exceeded("dataset_too_large")
-    message.data_set = BytesIO()
-    self.message = None
-    self.dul.event_queue.put("Evt19")  # invalid PDU -> A-ABORT, connection closed
+    return True
 
 
 _installed = False

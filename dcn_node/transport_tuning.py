@@ -66,14 +66,18 @@ thread, as pynetdicom's reactor does (an abort from the DUL thread would wait on
 P-DATA read directly
 --------------------
 For every PDU pynetdicom builds a PDU object and its items, a P-DATA primitive, an event for
-its state machine and a transition (~30 % of the receiving thread's time per image,
-cProfile). A P-DATA-TF PDU in an established association (Sta6 + Evt10 -> DT-2, which
-leaves the state at Sta6) only hands its presentation data values to the DIMSE layer, so
-:func:`_read_pdu_data_direct` does just that for the marked AEs: it peeks at the PDU type,
-reads the PDU, splits its PDV items and calls the same ``receive_primitive`` DT-2 calls
-(with the dataset-size limit of :mod:`dcn_node.limits`). Any other PDU, any other state, a
-TLS socket, or an association with PDU or data events bound goes through pynetdicom; a
-malformed item list gets pynetdicom's answer (Evt19: abort).
+its state machine and a transition; then its DIMSE layer decodes the command set with
+pydicom and copies each fragment into a buffer (together ~40 % of the receiving thread's
+time per image, cProfile). A P-DATA-TF PDU in an established association (Sta6 + Evt10
+-> DT-2, which leaves the state at Sta6) only hands its presentation data values to the
+DIMSE layer, so for the marked AEs :func:`_read_pdu_data_direct` reads the PDU itself and
+gives its PDVs to :class:`_MessageAssembly`: a plain C-STORE request is assembled there
+(command read directly, fragments joined once, the dataset-size limit of
+:mod:`dcn_node.limits` applied as they arrive); any other message goes to pynetdicom's
+``receive_primitive`` whole. Every other PDU is decoded and queued for the state machine
+exactly as pynetdicom's own reader does. Other states, TLS sockets, pynetdicom's chunked
+datasets, or handlers bound to PDU or DIMSE events: pynetdicom's path throughout. A
+malformed item list or fragment order gets pynetdicom's answer (Evt19: abort).
 
 C-STORE requests decoded directly
 ---------------------------------
@@ -126,7 +130,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from dcn_node.limits import check_pdu_length
+from dcn_node.limits import check_pdu_length, dataset_too_large
 
 LOGGER = logging.getLogger(__name__)
 
@@ -455,30 +459,41 @@ def _us(raw: bytes) -> int | None:
 def store_request_from_message(message: Any) -> C_STORE | None:
     """The C-STORE primitive of a received C-STORE-RQ message, read straight from its
     encoded command set; None when pynetdicom's own conversion must do it."""
-    if (_config_validators_changed() or message._data_set_file is not None
+    if (message._data_set_file is not None
             or not isinstance(message.encoded_command_set, BytesIO)):
         return None
     elements = _command_elements(message.encoded_command_set.getvalue())
-    if elements is None or not {0x0002, 0x0100, 0x0110, 0x0700, 0x1000} <= elements.keys():
+    if elements is None or not _is_plain_store_request(elements):
         return None
-    if 0x1030 in elements or 0x1031 in elements:
-        return None  # C-MOVE sub-operation: rare, pynetdicom converts it
-    class_uid = _conformant_uid(elements[0x0002])
-    instance_uid = _conformant_uid(elements[0x1000])
-    message_id, priority = _us(elements[0x0110]), _us(elements[0x0700])
-    if (class_uid is None or instance_uid is None or message_id is None
-            or priority not in (0, 1, 2) or _us(elements[0x0100]) != 0x0001):
-        return None
+    return _store_request(elements, message.context_id, message.data_set)
+
+
+def _is_plain_store_request(elements: dict[int, bytes]) -> bool:
+    """A C-STORE-RQ with a data set, not a C-MOVE sub-operation (rare: pynetdicom converts
+    those), whose values read the way pynetdicom's setters would accept silently."""
+    if (_config_validators_changed()
+            or not {0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000} <= elements.keys()
+            or 0x1030 in elements or 0x1031 in elements):
+        return False
+    return (_us(elements[0x0100]) == 0x0001 and _us(elements[0x0110]) is not None
+            and _us(elements[0x0700]) in (0, 1, 2)
+            and _us(elements[0x0800]) not in (None, 0x0101)
+            and _conformant_uid(elements[0x0002]) is not None
+            and _conformant_uid(elements[0x1000]) is not None)
+
+
+def _store_request(elements: dict[int, bytes], context_id: int, data_set: BytesIO) -> C_STORE:
+    """The C-STORE primitive of a request :func:`_is_plain_store_request` accepted."""
     primitive = C_STORE()
-    primitive.MessageID = message_id
-    primitive.Priority = priority
+    primitive.MessageID = _us(elements[0x0110])
+    primitive.Priority = _us(elements[0x0700])
     # Already checked as pynetdicom's set_uid would: conformant, 1-64 characters.
-    primitive._affected_sop_class_uid = class_uid
-    primitive._affected_sop_instance_uid = instance_uid
-    primitive.DataSet = message.data_set
-    primitive._context_id = message.context_id
-    primitive._dataset_path = message._data_set_path
-    primitive._dataset_file = message._data_set_file
+    primitive._affected_sop_class_uid = _conformant_uid(elements[0x0002])
+    primitive._affected_sop_instance_uid = _conformant_uid(elements[0x1000])
+    primitive.DataSet = data_set
+    primitive._context_id = context_id
+    primitive._dataset_path = None
+    primitive._dataset_file = None
     return primitive
 
 
@@ -497,8 +512,90 @@ def _store_message_to_primitive(self: Any) -> Any:
 _P_DATA_TF = 0x04
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_LENGTH = struct.Struct(">L").unpack_from
-#: Events pynetdicom triggers while reading and decoding a PDU: bound handlers need its path.
-_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+#: Events pynetdicom triggers while reading and decoding a PDU and its DIMSE message:
+#: bound handlers need its path.
+_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION,
+               evt.EVT_DIMSE_RECV)
+
+
+class _MessageAssembly:
+    """One association's DIMSE message being received through :func:`_read_pdu_data_direct`.
+
+    A plain C-STORE request (:func:`_is_plain_store_request`) is assembled here: command
+    fragments, then data set fragments joined once at the end, then the C-STORE primitive
+    queued as pynetdicom's ``receive_primitive`` would queue it. Any other message is
+    handed to pynetdicom's ``receive_primitive`` from its first fragment on, and stays
+    with it until pynetdicom has finished it."""
+
+    def __init__(self, dul: Any) -> None:
+        self.dul = dul
+        self.dimse = dul.assoc.dimse
+        self.command: list[tuple[int, bytes]] = []
+        self.request: dict[int, bytes] | None = None  # command of the C-STORE being read
+        self.context_id = 0
+        self.fragments: list[bytes] = []
+        self.size = 0
+        self.with_pynetdicom = False
+
+    @property
+    def busy(self) -> bool:
+        """A message is half read here (or handed to pynetdicom and not finished)."""
+        return bool(self.command) or self.request is not None or self.with_pynetdicom
+
+    def receive(self, items: list[tuple[int, bytes]]) -> None:
+        """Take the PDVs of one P-DATA-TF PDU."""
+        if self.with_pynetdicom or (self.request is None and not self.command
+                                    and self.dimse.message is not None):
+            self._to_pynetdicom(items)
+            return
+        for index, (context_id, data) in enumerate(items):
+            control = data[0]
+            if self.request is None:  # reading the command set
+                if not control & 1:
+                    self._to_pynetdicom(self.command + items[index:])
+                    return
+                self.command.append((context_id, data))
+                if not control & 2:
+                    continue
+                elements = _command_elements(b"".join(d[1:] for _, d in self.command))
+                if elements is None or not _is_plain_store_request(elements):
+                    self._to_pynetdicom(self.command + items[index + 1:])
+                    return
+                self.request, self.context_id, self.command = elements, context_id, []
+                continue
+            if control & 1 or context_id != self.context_id:
+                self._abort("a command fragment or another context inside a data set")
+                return
+            self.fragments.append(data[1:])
+            self.size += len(data) - 1
+            if dataset_too_large(self.dul.assoc, self.size):
+                self._reset()
+                self.dul.event_queue.put("Evt19")  # invalid PDU -> A-ABORT
+                return
+            if control & 2:
+                request = _store_request(self.request, self.context_id,
+                                         BytesIO(b"".join(self.fragments)))
+                self._reset()
+                self.dimse.msg_queue.put((self.context_id, request))
+                if index + 1 < len(items):
+                    self._abort("PDVs after the last fragment of a message")
+                return
+
+    def _to_pynetdicom(self, items: list[tuple[int, bytes]]) -> None:
+        self.command = []
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.extend(items)
+        self.dimse.receive_primitive(primitive)
+        # pynetdicom keeps its message until it is complete (or dropped on an error).
+        self.with_pynetdicom = self.dimse.message is not None
+
+    def _reset(self) -> None:
+        self.request, self.fragments, self.size = None, [], 0
+
+    def _abort(self, reason: str) -> None:
+        LOGGER.warning("Aborting association: invalid P-DATA (%s)", reason)
+        self._reset()
+        self.dul.event_queue.put("Evt19")  # invalid PDU -> A-ABORT
 
 
 def _pdv_items(body: bytearray) -> list[tuple[int, bytes]] | None:
@@ -520,44 +617,68 @@ def _pdv_items(body: bytearray) -> list[tuple[int, bytes]] | None:
 _original_read_pdu_data = pynetdicom.dul.DULServiceProvider._read_pdu_data
 
 
-def _read_pdu_data_direct(self: Any) -> None:
-    """``DULServiceProvider._read_pdu_data`` that hands a P-DATA-TF PDU of an established,
-    marked association straight to the DIMSE layer (what DT-2 does); anything else goes
-    to pynetdicom's own reading."""
-    assoc = self.assoc
-    sock = getattr(self.socket, "socket", None)
+def _reads_directly(dul: Any) -> bool:
+    """Whether :func:`_read_pdu_data_direct` reads this DUL's next PDU itself."""
+    assoc = dul.assoc
     if (not getattr(assoc.ae, _INLINE_ATTRIBUTE, False) or not assoc.is_acceptor
-            or sock is None or isinstance(sock, ssl.SSLSocket)
-            or self.state_machine.current_state != "Sta6"
-            or any(assoc.get_handlers(event) for event in _PDU_EVENTS)):
+            or pynetdicom_config.STORE_RECV_CHUNKED_DATASET
+            or isinstance(getattr(dul.socket, "socket", None), ssl.SSLSocket)
+            or dul.state_machine.current_state != "Sta6"):
+        return False
+    assembly = dul.__dict__.get("_dcn_assembly")
+    if assembly is not None and assembly.busy:
+        return True  # a message half read here is finished here
+    return not any(assoc.get_handlers(event) for event in _PDU_EVENTS)
+
+
+def _read_pdu_data_direct(self: Any) -> None:
+    """``DULServiceProvider._read_pdu_data`` for a marked association in Sta6: a
+    P-DATA-TF PDU goes straight to :class:`_MessageAssembly` (what DT-2 would hand the
+    DIMSE layer); any other PDU is decoded and queued for the state machine as pynetdicom
+    does (the same checks, events and log messages)."""
+    if not _reads_directly(self):
         return _original_read_pdu_data(self)
     try:
-        head = sock.recv(6, socket.MSG_PEEK)
-    except (OSError, ValueError):
-        head = b""
-    if len(head) < 6 or head[0] != _P_DATA_TF:
-        return _original_read_pdu_data(self)
-    pdu_length = _PDU_HEADER.unpack(head)[2]
+        head = self.socket.recv(6)
+        pdu_type, _, pdu_length = _PDU_HEADER.unpack(head)
+    except (OSError, TimeoutError, struct.error) as exc:
+        LOGGER.error("Connection closed before the entire PDU was received (%s)", exc)
+        self.event_queue.put("Evt17")  # transport connection closed
+        return None
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        LOGGER.error("Unknown PDU type received '0x%02X'", pdu_type)
+        self.event_queue.put("Evt19")  # unrecognised or invalid PDU
+        return None
     try:
-        self.socket.recv(6)  # the header just peeked at
         body = self.socket.recv(pdu_length)  # refuses a PDU over the AE's limit
     except (OSError, TimeoutError) as exc:
         LOGGER.error("Connection closed before the entire PDU was received (%s)", exc)
-        self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom does
+        self.event_queue.put("Evt17")
         return None
     if len(body) != pdu_length:
         LOGGER.error("The received PDU is shorter than expected (%d of %d bytes received)",
                      len(body) + 6, pdu_length + 6)
         self.event_queue.put("Evt17")
         return None
+    if pdu_type != _P_DATA_TF:
+        try:
+            pdu, event = self._decode_pdu(head + body)
+            self.event_queue.put(event)
+        except Exception as exc:
+            LOGGER.error("Unable to decode the received PDU data (%s)", exc)
+            self.event_queue.put("Evt19")
+            return None
+        self._recv_pdu.put(pdu)
+        return None
     items = _pdv_items(body)
     if items is None:
         LOGGER.error("Unable to decode the received PDU data: malformed PDV item list")
-        self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+        self.event_queue.put("Evt19")
         return None
-    primitive = P_DATA()
-    primitive.presentation_data_value_list.extend(items)
-    assoc.dimse.receive_primitive(primitive)
+    assembly = self.__dict__.get("_dcn_assembly")
+    if assembly is None:
+        assembly = self._dcn_assembly = _MessageAssembly(self)
+    assembly.receive(items)
     return None
 
 

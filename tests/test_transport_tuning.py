@@ -199,12 +199,11 @@ def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> 
     import pynetdicom.dul
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ImplicitVRLittleEndian
-    from pynetdicom import AE, evt
+    from pynetdicom import AE, _config, evt
+    from pynetdicom.dsutils import encode
     from pynetdicom.sop_class import Verification
 
     from dcn_node import transport_tuning
-
-    from pynetdicom import _config
 
     # As in the node (dcn_node/logs.py): pynetdicom's PDU-level log handlers unbound;
     # bound, they need pynetdicom's own PDU reading.
@@ -215,14 +214,24 @@ def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> 
     real_pdv_items = transport_tuning._pdv_items
     monkeypatch.setattr(transport_tuning, "_pdv_items",
                         lambda body: split.append(len(body)) or real_pdv_items(body))
+    assembled = []
+    real_store_request = transport_tuning._store_request
+    monkeypatch.setattr(transport_tuning, "_store_request",
+                        lambda *args: assembled.append(args[1]) or real_store_request(*args))
+
+    received: dict[str, tuple[bytes, str | None]] = {}
 
     def on_store(event: evt.Event) -> int:
         threads.append(threading.current_thread())
+        request = event.request
+        received[request.AffectedSOPInstanceUID] = (
+            request.DataSet.getvalue(), request.MoveOriginatorApplicationEntityTitle)
         if event.request.AffectedSOPInstanceUID.endswith(".666"):
             raise RuntimeError("handler failure")
         return 0x0000
 
     scp = AE(ae_title="INLINE")
+    scp.maximum_pdu_size = 4096  # a dataset of many fragments in many PDUs
     scp.add_supported_context(CTImageStorage)
     scp.add_supported_context(Verification)
     transport_tuning.serve_stores_inline(scp)
@@ -235,22 +244,31 @@ def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> 
         scu.add_requested_context(Verification)
         assoc = scu.associate("127.0.0.1", port, ae_title="INLINE")
         assert assoc.is_established
-        statuses = []
-        for suffix in ("1", "2", "666", "3"):
+        statuses, sent = [], {}
+        # Plain requests (assembled directly), a failing handler, a C-MOVE sub-operation
+        # and a non-conformant UID (both left to pynetdicom's DIMSE layer).
+        for suffix, originator in (("1", None), ("2", None), ("666", None), ("3", None),
+                                   ("4", "MOVER"), ("05", None)):
             ds = Dataset()
             ds.SOPClassUID = CTImageStorage
             ds.SOPInstanceUID = "1.2.826.0.1." + suffix
+            ds.PatientComments = suffix * 5000  # ~3 PDUs of 4 kB each at least
             ds.file_meta = FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-            statuses.append(assoc.send_c_store(ds).Status)
+            kwargs = {"originator_aet": originator, "originator_id": 9} if originator else {}
+            statuses.append(assoc.send_c_store(ds, **kwargs).Status)
+            sent[ds.SOPInstanceUID] = (encode(ds, True, True), originator)
         assert assoc.send_c_echo().Status == 0x0000
         started = time.monotonic()
         assoc.release()
         released_in = time.monotonic() - started
     finally:
         server.shutdown()
-    assert statuses == [0x0000, 0x0000, 0xC211, 0x0000]  # pynetdicom's "handler failed"
-    assert len(threads) == 4
+    # 0xC211: pynetdicom's "handler failed"
+    assert statuses == [0x0000, 0x0000, 0xC211, 0x0000, 0x0000, 0x0000]
+    assert received == sent  # every byte, however it was assembled
+    assert len(assembled) == 4  # the plain requests, assembled without pynetdicom
+    assert len(threads) == 6
     assert all(isinstance(t, pynetdicom.dul.DULServiceProvider) for t in threads)
     assert len(split) >= 2 * 4 + 1  # command and dataset of each C-STORE, the C-ECHO
     assert released_in < 1.0
