@@ -231,7 +231,7 @@ def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> 
         return 0x0000
 
     scp = AE(ae_title="INLINE")
-    scp.maximum_pdu_size = 4096  # a dataset of many fragments in many PDUs
+    scp.maximum_pdu_size = 1024  # a dataset of many fragments in many PDUs
     scp.add_supported_context(CTImageStorage)
     scp.add_supported_context(Verification)
     transport_tuning.serve_stores_inline(scp)
@@ -252,7 +252,7 @@ def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> 
             ds = Dataset()
             ds.SOPClassUID = CTImageStorage
             ds.SOPInstanceUID = "1.2.826.0.1." + suffix
-            ds.PatientComments = suffix * 5000  # ~3 PDUs of 4 kB each at least
+            ds.PatientComments = suffix * 3000  # 3 PDUs of 1 kB at least (LT: <= 10240)
             ds.file_meta = FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
             kwargs = {"originator_aet": originator, "originator_id": 9} if originator else {}
