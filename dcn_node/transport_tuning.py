@@ -228,7 +228,9 @@ def _send_pdu_and_wake(self: Any, primitive: Any) -> None:
     """``DULServiceProvider.send_pdu`` that also wakes the DUL thread's wait."""
     _original_send_pdu(self, primitive)
     pair = getattr(self, "_dcn_wake_pair", None)
-    if pair is not None:
+    # A response queued by the DUL thread itself (a C-STORE served inline) is sent on its
+    # next loop: only another thread needs to wake it.
+    if pair is not None and threading.current_thread() is not self:
         try:
             pair[1].send(b"\0")
         except OSError:
