@@ -364,6 +364,37 @@ def test_enhanced_ct_multiframe_completes_by_its_frame_count(start_node) -> None
     assert record.series_instance_uid == ds.SeriesInstanceUID
 
 
+@pytest.mark.parametrize("tuning", [True, False])
+def test_a_node_process_receives_a_storescu_series_with_tuning_on_or_off(
+        tmp_path: Path, tuning: bool) -> None:
+    """node.transport_tuning in its own process (pynetdicom's patches are process-wide):
+    with pynetdicom's own threads, polling and decoding, or with ours, the same series
+    arrives whole, is queued once and every file is the instance sent."""
+    from dcn_node.phantom import generate_phantom
+    from tests.node_process import NodeProcess
+
+    case = generate_phantom(tmp_path / "case", seed=5, slices=40, matrix=128)
+    (tmp_path / "node").mkdir()
+    node = NodeProcess(tmp_path / "node", node={"transport_tuning": tuning})
+    node.start()
+    try:
+        result = subprocess.run(
+            [require_tool("storescu"), "-aet", "PACS", "-aec", NODE_AET, "+sd",
+             "127.0.0.1", str(node.port), str(case.series_dir)],
+            env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        state = wait_for(lambda: (node.series_state(case.series_instance_uid) or {}).get(
+            "state") == "queued" and node.series_state(case.series_instance_uid), timeout=30)
+        assert state["instances"] == 40
+    finally:
+        assert node.terminate() == 0
+    spooled = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData
+               for p in (tmp_path / "node" / "spool" / "instances").glob("*/*/*.dcm")}
+    sent = {ds.SOPInstanceUID: ds.PixelData
+            for ds in map(pydicom.dcmread, case.series_dir.glob("*.dcm"))}
+    assert spooled == sent
+
+
 def test_storescu_files_write_into_spool_and_read_back(start_node, tmp_path: Path) -> None:
     node = start_node()
     paths = write_files(ct_series(8), tmp_path / "in")
