@@ -72,12 +72,13 @@ time per image, cProfile). A P-DATA-TF PDU in an established association (Sta6 +
 -> DT-2, which leaves the state at Sta6) only hands its presentation data values to the
 DIMSE layer, so for the marked AEs :func:`_read_pdu_data_direct` reads the PDU itself and
 gives its PDVs to :class:`_MessageAssembly`: a plain C-STORE request is assembled there
-(command read directly, fragments joined once, the dataset-size limit of
-:mod:`dcn_node.limits` applied as they arrive); any other message goes to pynetdicom's
-``receive_primitive`` whole. Every other PDU is decoded and queued for the state machine
-exactly as pynetdicom's own reader does. Other states, TLS sockets, pynetdicom's chunked
-datasets, or handlers bound to PDU or DIMSE events: pynetdicom's path throughout. A
-malformed item list or fragment order gets pynetdicom's answer (Evt19: abort).
+(command read directly, fragments written into one buffer as they arrive, the
+dataset-size limit of :mod:`dcn_node.limits` applied as they do); any other message goes
+to pynetdicom's ``receive_primitive`` whole. Every other PDU is decoded and queued for
+the state machine exactly as pynetdicom's own reader does. Other states, TLS sockets,
+pynetdicom's chunked datasets, or handlers bound to PDU or DIMSE events: pynetdicom's
+path throughout. A malformed item list or fragment order gets pynetdicom's answer
+(Evt19: abort).
 
 C-STORE requests decoded directly
 ---------------------------------
@@ -524,8 +525,9 @@ class _MessageAssembly:
     """One association's DIMSE message being received through :func:`_read_pdu_data_direct`.
 
     A plain C-STORE request (:func:`_is_plain_store_request`) is assembled here: command
-    fragments, then data set fragments joined once at the end, then the C-STORE primitive
-    queued as pynetdicom's ``receive_primitive`` would queue it. Any other message is
+    fragments, then data set fragments written into one buffer as they come (as
+    pynetdicom does), then the C-STORE primitive queued as pynetdicom's
+    ``receive_primitive`` would queue it. Any other message is
     handed to pynetdicom's ``receive_primitive`` from its first fragment on, and stays
     with it until pynetdicom has finished it."""
 
@@ -535,8 +537,7 @@ class _MessageAssembly:
         self.command: list[tuple[int, bytes]] = []
         self.request: dict[int, bytes] | None = None  # command of the C-STORE being read
         self.context_id = 0
-        self.fragments: list[bytes] = []
-        self.size = 0
+        self.data = BytesIO()
         self.with_pynetdicom = False
 
     @property
@@ -568,20 +569,17 @@ class _MessageAssembly:
             if control & 1 or context_id != self.context_id:
                 self._abort("a command fragment or another context inside a data set")
                 return
-            self.fragments.append(data[1:])
-            self.size += len(data) - 1
-            if dataset_too_large(self.dul.assoc, self.size):
+            with memoryview(data) as fragment:
+                self.data.write(fragment[1:])
+            if dataset_too_large(self.dul.assoc, self.data.tell()):
                 self._reset()
                 self.dul.event_queue.put("Evt19")  # invalid PDU -> A-ABORT
                 return
             if control & 2:
-                request = _store_request(self.request, self.context_id,
-                                         BytesIO(b"".join(self.fragments)))
+                request = _store_request(self.request, self.context_id, self.data)
                 self._reset()
                 self.dimse.msg_queue.put((self.context_id, request))
-                if index + 1 < len(items):
-                    self._abort("PDVs after the last fragment of a message")
-                return
+                # PDVs after this one start the next message (pynetdicom would drop them).
 
     def _to_pynetdicom(self, items: list[tuple[int, bytes]]) -> None:
         self.command = []
@@ -592,7 +590,7 @@ class _MessageAssembly:
         self.with_pynetdicom = self.dimse.message is not None
 
     def _reset(self) -> None:
-        self.request, self.fragments, self.size = None, [], 0
+        self.request, self.data = None, BytesIO()
 
     def _abort(self, reason: str) -> None:
         LOGGER.warning("Aborting association: invalid P-DATA (%s)", reason)

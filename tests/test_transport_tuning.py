@@ -189,6 +189,52 @@ def test_pdv_items_are_split_as_pynetdicom_splits_them() -> None:
     assert _pdv_items(bytearray()) == []
 
 
+def test_message_assembly_reads_back_to_back_messages_and_hands_others_on() -> None:
+    """Two C-STOREs whose PDVs arrive in one PDU, then the same split PDV by PDV, then a
+    C-ECHO (not a C-STORE: pynetdicom's DIMSE layer gets its command whole)."""
+    import io
+    import queue
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    from dcn_node.transport_tuning import _MessageAssembly
+
+    def pdvs(message, primitive):  # type: ignore[no-untyped-def]
+        message.primitive_to_message(primitive)
+        return [tuple(pdv) for pdata in message.encode_msg(1, 200)
+                for pdv in pdata.presentation_data_value_list]
+
+    requests = []
+    for n in (1, 2):
+        request = C_STORE()
+        request.MessageID, request.Priority = n, 2
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, f"1.2.{n}"
+        request.DataSet = io.BytesIO(bytes([n]) * 1000)  # 6 fragments of <= 194 bytes
+        requests.append(request)
+    echo = C_ECHO()
+    echo.MessageID = 3
+    handed_on = []
+    dimse = SimpleNamespace(message=None, msg_queue=queue.Queue(),
+                            receive_primitive=lambda p: handed_on.append(
+                                list(p.presentation_data_value_list)))
+    dul = SimpleNamespace(assoc=SimpleNamespace(dimse=dimse, ae=None),
+                          event_queue=queue.Queue())
+    assembly = _MessageAssembly(dul)
+    both = pdvs(C_STORE_RQ(), requests[0]) + pdvs(C_STORE_RQ(), requests[1])
+    assembly.receive(both)  # one PDU
+    for pdv in both:  # one PDU per PDV
+        assembly.receive([pdv])
+    echo_pdvs = pdvs(C_ECHO_RQ(), echo)
+    assembly.receive(echo_pdvs)
+    received = [dimse.msg_queue.get_nowait()[1] for _ in range(4)]
+    assert [(r.MessageID, r.AffectedSOPInstanceUID, r.DataSet.getvalue()) for r in received] \
+        == [(n, f"1.2.{n}", bytes([n]) * 1000) for n in (1, 2, 1, 2)]
+    assert dimse.msg_queue.empty() and dul.event_queue.empty()  # nothing aborted
+    assert handed_on == [echo_pdvs] and not assembly.busy
+
+
 def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> None:
     """A marked AE reads P-DATA directly and runs its C-STORE handler on the DUL thread;
     C-ECHO still goes to the reactor; failures in the handler are answered as pynetdicom
