@@ -20,7 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import RE_VALID_UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dcn_node.errors import InvalidInstanceError
 
@@ -62,6 +62,14 @@ _UNDEFINED = 0xFFFFFFFF
 _IMPLICIT_HEADER = struct.Struct("<HHI").unpack_from
 _EXPLICIT_HEADER = struct.Struct("<HH2sH").unpack_from
 _UINT32 = struct.Struct("<I").unpack_from
+
+
+def is_valid_uid(value: str | None) -> bool:
+    """A valid UID: digits and dots as PS3.5 9.1 has them, 64 characters at most (what
+    pydicom's ``UID.is_valid`` checks, without its warnings about every invalid value)."""
+    if not value or len(value) > 64:
+        return False
+    return RE_VALID_UID.match(value) is not None
 
 
 @dataclass(frozen=True)

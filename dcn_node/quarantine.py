@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydicom.uid import RE_VALID_UID
+from dcn_node.header import is_valid_uid
+from dcn_node.spool import fsync_folder, write_parts
 
 LOGGER = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ class RefusedInstance:
     dataset_sop_instance_uid: str | None = None
     #: Seconds since the epoch.
     received_at: float = 0.0
-
-
-def is_valid_uid(value: str | None) -> bool:
-    """A valid UID: digits and dots as PS3.5 9.1 has them, 64 characters at most. (Checked
-    here rather than with pydicom's ``UID``, which warns about every invalid value.)"""
-    if not value or len(value) > 64:
-        return False
-    return RE_VALID_UID.match(value) is not None
 
 
 def quarantine_usage(spool_dir: Path | str) -> tuple[int, int]:
@@ -245,26 +238,16 @@ class Quarantine:
 
     def _write(self, path: Path, parts: tuple[bytes | memoryview, ...]) -> None:
         temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        write_parts(temp, parts, fsync=self.fsync)
         try:
-            with open(temp, "wb") as handle:
-                for part in parts:
-                    handle.write(part)
-                if self.fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
             os.replace(temp, path)
         except OSError:
             temp.unlink(missing_ok=True)
             raise
 
     def _sync_folder(self, folder: Path) -> None:
-        if not self.fsync:
-            return
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if self.fsync:
+            fsync_folder(folder)
 
     def _skipped(self, reason: str) -> None:
         if self._on_skipped is not None:

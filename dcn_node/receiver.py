@@ -61,8 +61,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dcn_node import __version__, limits, transport_tuning
 from dcn_node.config import ScpTlsSettings, Settings
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
-from dcn_node.header import InstanceHeader, read_header
-from dcn_node.quarantine import Quarantine, RefusedInstance, is_valid_uid
+from dcn_node.header import InstanceHeader, is_valid_uid, read_header
+from dcn_node.quarantine import Quarantine, RefusedInstance
 from dcn_node.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -482,20 +482,19 @@ class StorageSCP:
         answer = self._refuse(status, sop_instance_uid, calling_ae, reason, code)
         if self._quarantine is not None and self._quarantine.enabled:
             try:
-                self._keep_refused(event, status, reason, code, header)
+                self._keep_refused(event, calling_ae, status, reason, code, header)
             except Exception:  # the copy is a convenience: never a crash, never another status
                 LOGGER.exception("Quarantining refused instance %s from %s failed",
                                  sop_instance_uid, calling_ae)
         return answer
 
-    def _keep_refused(self, event: evt.Event, status: int, reason: str, code: str,
-                      header: InstanceHeader | None) -> None:
+    def _keep_refused(self, event: evt.Event, calling_ae: str, status: int, reason: str,
+                      code: str, header: InstanceHeader | None) -> None:
         assert self._quarantine is not None
         request, requestor = event.request, event.assoc.requestor
         transfer_syntax = str(event.context.transfer_syntax)
         sop_class_uid = str(request.AffectedSOPClassUID)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
-        calling_ae = requestor.ae_title.strip()
         refused = RefusedInstance(
             reason_code=code,
             reason=reason,

@@ -159,6 +159,32 @@ def _header_from_json(text: str) -> InstanceHeader:
     return InstanceHeader(**data)
 
 
+def write_parts(temp: Path, parts: tuple[bytes | memoryview, ...], *, fsync: bool) -> int:
+    """Write ``parts`` to the temporary file ``temp`` (flushed to disk when ``fsync``) and
+    return its size; on failure remove it and raise. The caller renames it into place."""
+    size = 0
+    try:
+        with open(temp, "wb") as handle:
+            for part in parts:
+                size += handle.write(part)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsync a folder: its entries (a file renamed in, a folder made) survive a power loss."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 _UNSAFE_IN_PATH = re.compile(r"[^0-9A-Za-z.]")
 
 
@@ -244,14 +270,8 @@ class Spool:
         on failure."""
         folder = path.parent
         temp = self.incoming_dir / f"{path.name}.{threading.get_ident()}.tmp"
-        size = 0
         try:
-            with open(temp, "wb") as handle:
-                for part in parts:
-                    size += handle.write(part)
-                if self.fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+            size = write_parts(temp, parts, fsync=self.fsync)
             try:
                 os.replace(temp, path)
             except FileNotFoundError:
@@ -260,7 +280,7 @@ class Spool:
                 self._make_folder(folder)
                 os.replace(temp, path)
             if self.fsync:
-                self._fsync_folder(folder)
+                fsync_folder(folder)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             raise SpoolWriteError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
@@ -270,15 +290,7 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         if self.fsync:  # the new folders' own entries must survive a power loss too
             for parent in (folder.parent, folder.parent.parent):
-                self._fsync_folder(parent)
-
-    @staticmethod
-    def _fsync_folder(folder: Path) -> None:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+                fsync_folder(parent)
 
     def store_instance(
         self,

@@ -105,7 +105,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import select
 import socket
 import ssl
@@ -114,7 +113,7 @@ import threading
 import time
 import types
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
 
 import pynetdicom.association
 import pynetdicom.dimse
@@ -131,6 +130,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from dcn_node.header import is_valid_uid
 from dcn_node.limits import check_pdu_length, dataset_too_large
 
 LOGGER = logging.getLogger(__name__)
@@ -402,6 +402,7 @@ def _dimse_init_serving_stores_inline(self: Any, assoc: Any) -> None:
         # Created with the association, before its DUL thread starts: nothing holds the
         # queue being replaced.
         assoc.dul.to_user_queue = _WakingQueue(self.msg_queue)
+        assoc.dul._dcn_assembly = _MessageAssembly(assoc.dul)
 
 
 #: Command-set elements of a C-STORE-RQ (PS3.7 9.3.1.1) and how each is read.
@@ -409,7 +410,6 @@ _STORE_REQUEST_ELEMENTS = {
     0x0000: "UL", 0x0002: "UI", 0x0100: "US", 0x0110: "US", 0x0700: "US", 0x0800: "US",
     0x1000: "UI", 0x1030: "AE", 0x1031: "US",
 }
-_CONFORMANT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 def _command_elements(encoded: bytes) -> dict[int, bytes] | None:
@@ -438,7 +438,7 @@ class _CheckedUID(UID):
 
 def _conformant_uid(raw: bytes) -> UID | None:
     text = raw.rstrip(b"\0 ").decode("ascii", "replace")
-    if 0 < len(text) <= 64 and _CONFORMANT_UID.fullmatch(text):
+    if is_valid_uid(text):
         return _CheckedUID(text, validation_mode=pydicom_config.IGNORE)
     return None
 
@@ -465,34 +465,48 @@ def store_request_from_message(message: Any) -> C_STORE | None:
     if (message._data_set_file is not None
             or not isinstance(message.encoded_command_set, BytesIO)):
         return None
-    elements = _command_elements(message.encoded_command_set.getvalue())
-    if elements is None or not _is_plain_store_request(elements):
+    fields = _plain_store_fields(_command_elements(message.encoded_command_set.getvalue()))
+    if fields is None:
         return None
-    return _store_request(elements, message.context_id, message.data_set)
+    return _store_request(fields, message.context_id, message.data_set)
 
 
-def _is_plain_store_request(elements: dict[int, bytes]) -> bool:
-    """A C-STORE-RQ with a data set, not a C-MOVE sub-operation (rare: pynetdicom converts
-    those), whose values read the way pynetdicom's setters would accept silently."""
-    if (_config_validators_changed()
+class _StoreFields(NamedTuple):
+    """The command fields of a plain C-STORE request, read once."""
+
+    message_id: int
+    priority: int
+    class_uid: UID
+    instance_uid: UID
+
+
+def _plain_store_fields(elements: dict[int, bytes] | None) -> _StoreFields | None:
+    """The fields of a C-STORE-RQ with a data set, not a C-MOVE sub-operation (rare:
+    pynetdicom converts those), whose values read the way pynetdicom's setters would
+    accept silently; None for anything else."""
+    if (elements is None or _config_validators_changed()
             or not {0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000} <= elements.keys()
-            or 0x1030 in elements or 0x1031 in elements):
-        return False
-    return (_us(elements[0x0100]) == 0x0001 and _us(elements[0x0110]) is not None
-            and _us(elements[0x0700]) in (0, 1, 2)
-            and _us(elements[0x0800]) not in (None, 0x0101)
-            and _conformant_uid(elements[0x0002]) is not None
-            and _conformant_uid(elements[0x1000]) is not None)
+            or 0x1030 in elements or 0x1031 in elements
+            or _us(elements[0x0100]) != 0x0001
+            or _us(elements[0x0800]) in (None, 0x0101)):
+        return None
+    message_id, priority = _us(elements[0x0110]), _us(elements[0x0700])
+    class_uid = _conformant_uid(elements[0x0002])
+    instance_uid = _conformant_uid(elements[0x1000])
+    if (message_id is None or priority not in (0, 1, 2) or class_uid is None
+            or instance_uid is None):
+        return None
+    return _StoreFields(message_id, priority, class_uid, instance_uid)
 
 
-def _store_request(elements: dict[int, bytes], context_id: int, data_set: BytesIO) -> C_STORE:
-    """The C-STORE primitive of a request :func:`_is_plain_store_request` accepted."""
+def _store_request(fields: _StoreFields, context_id: int, data_set: BytesIO) -> C_STORE:
+    """The C-STORE primitive of a request read by :func:`_plain_store_fields`."""
     primitive = C_STORE()
-    primitive.MessageID = _us(elements[0x0110])
-    primitive.Priority = _us(elements[0x0700])
+    primitive.MessageID = fields.message_id
+    primitive.Priority = fields.priority
     # Already checked as pynetdicom's set_uid would: conformant, 1-64 characters.
-    primitive._affected_sop_class_uid = _conformant_uid(elements[0x0002])
-    primitive._affected_sop_instance_uid = _conformant_uid(elements[0x1000])
+    primitive._affected_sop_class_uid = fields.class_uid
+    primitive._affected_sop_instance_uid = fields.instance_uid
     primitive.DataSet = data_set
     primitive._context_id = context_id
     primitive._dataset_path = None
@@ -524,7 +538,7 @@ _PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION,
 class _MessageAssembly:
     """One association's DIMSE message being received through :func:`_read_pdu_data_direct`.
 
-    A plain C-STORE request (:func:`_is_plain_store_request`) is assembled here: command
+    A plain C-STORE request (:func:`_plain_store_fields`) is assembled here: command
     fragments, then data set fragments written into one buffer as they come (as
     pynetdicom does), then the C-STORE primitive queued as pynetdicom's
     ``receive_primitive`` would queue it. Any other message is
@@ -533,12 +547,16 @@ class _MessageAssembly:
 
     def __init__(self, dul: Any) -> None:
         self.dul = dul
-        self.dimse = dul.assoc.dimse
         self.command: list[tuple[int, bytes]] = []
-        self.request: dict[int, bytes] | None = None  # command of the C-STORE being read
+        self.request: _StoreFields | None = None  # command of the C-STORE being read
         self.context_id = 0
         self.data = BytesIO()
         self.with_pynetdicom = False
+
+    @property
+    def dimse(self) -> Any:
+        # Looked up, not kept: the assembly is made while the DIMSE provider is built.
+        return self.dul.assoc.dimse
 
     @property
     def busy(self) -> bool:
@@ -560,11 +578,12 @@ class _MessageAssembly:
                 self.command.append((context_id, data))
                 if not control & 2:
                     continue
-                elements = _command_elements(b"".join(d[1:] for _, d in self.command))
-                if elements is None or not _is_plain_store_request(elements):
+                fields = _plain_store_fields(
+                    _command_elements(b"".join(d[1:] for _, d in self.command)))
+                if fields is None:
                     self._to_pynetdicom(self.command + items[index + 1:])
                     return
-                self.request, self.context_id, self.command = elements, context_id, []
+                self.request, self.context_id, self.command = fields, context_id, []
                 continue
             if control & 1 or context_id != self.context_id:
                 self._abort("a command fragment or another context inside a data set")
@@ -619,16 +638,15 @@ _original_read_pdu_data = pynetdicom.dul.DULServiceProvider._read_pdu_data
 
 def _reads_directly(dul: Any) -> bool:
     """Whether :func:`_read_pdu_data_direct` reads this DUL's next PDU itself."""
-    assoc = dul.assoc
-    if (not getattr(assoc.ae, _INLINE_ATTRIBUTE, False) or not assoc.is_acceptor
-            or pynetdicom_config.STORE_RECV_CHUNKED_DATASET
+    # Only a marked acceptor's DUL has an assembly (made with its DIMSE provider).
+    assembly = dul.__dict__.get("_dcn_assembly")
+    if (assembly is None or pynetdicom_config.STORE_RECV_CHUNKED_DATASET
             or isinstance(getattr(dul.socket, "socket", None), ssl.SSLSocket)
             or dul.state_machine.current_state != "Sta6"):
         return False
-    assembly = dul.__dict__.get("_dcn_assembly")
-    if assembly is not None and assembly.busy:
+    if assembly.busy:
         return True  # a message half read here is finished here
-    return not any(assoc.get_handlers(event) for event in _PDU_EVENTS)
+    return not any(dul.assoc.get_handlers(event) for event in _PDU_EVENTS)
 
 
 def _read_pdu_data_direct(self: Any) -> None:
@@ -675,10 +693,7 @@ def _read_pdu_data_direct(self: Any) -> None:
         LOGGER.error("Unable to decode the received PDU data: malformed PDV item list")
         self.event_queue.put("Evt19")
         return None
-    assembly = self.__dict__.get("_dcn_assembly")
-    if assembly is None:
-        assembly = self._dcn_assembly = _MessageAssembly(self)
-    assembly.receive(items)
+    self._dcn_assembly.receive(items)
     return None
 
 

@@ -87,6 +87,13 @@ def _slices_with_lesion(case: Case) -> np.ndarray:
     return case.lesion.reshape(len(case.lesion), -1).any(1)
 
 
+def _save_replacing(state: dict, path: Path) -> None:
+    """torch.save through a temporary file: an interrupted run never leaves a torn one."""
+    temp = path.with_suffix(".tmp")
+    torch.save(state, temp)
+    temp.replace(path)
+
+
 class _Progress:
     """One log line per ~10 % of an epoch: step, loss, speed."""
 
@@ -157,17 +164,14 @@ class Trainer:
         LOGGER.info("%s: starting from %s (%s)", stage, folder, manifest.get("model_version"))
 
     def _checkpoint(self, stage: str, epoch: int, model, optimizer, scheduler) -> None:
-        path = self.checkpoints / f"{stage}.pt"
-        temp = path.with_suffix(".tmp")
-        torch.save(
+        _save_replacing(
             {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(), "torch_rng": torch.get_rng_state(),
             },
-            temp,
+            self.checkpoints / f"{stage}.pt",
         )
-        temp.replace(path)
 
     def _batch(self, refs: list[tuple[int, int]], with_lung_mask: bool) -> dict[str, torch.Tensor]:
         images, lungs, lesions = [], [], []
@@ -319,9 +323,7 @@ class Trainer:
             if number % 10 == 0 or number == len(self.cases):
                 LOGGER.info("spm: slice probabilities of %d/%d training cases", number,
                             len(self.cases))
-        temp = path.with_suffix(".tmp")
-        torch.save({"key": key, "probabilities": probabilities}, temp)
-        temp.replace(path)
+        _save_replacing({"key": key, "probabilities": probabilities}, path)
         return probabilities
 
     def train_spm(self, lung_model: UNet, dcn: DCN) -> SliceProbabilityMapping:
