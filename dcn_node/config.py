@@ -189,6 +189,21 @@ class SenderSettings(_Frozen):
     dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
 
 
+class QualityGateSettings(_Frozen):
+    """When a series gets "not assessable" instead of a probability (the classical anatomy
+    of the image decides, not the model)."""
+
+    enabled: bool = True
+    #: Less air-filled lung than this (both lungs, ml): no lungs, not a chest CT.
+    min_lung_volume_ml: Annotated[float, Field(ge=0)] = 400.0
+    #: Slices further apart than this (mm) are too thick for small lesions.
+    max_slice_spacing_mm: Annotated[float, Field(gt=0)] = 8.0
+    #: Share of the slices with lung whose lung touches the image edge: cut by the FOV.
+    max_edge_slice_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    #: Lung area of the first or last slice, as a share of the largest: cut by the scan range.
+    max_end_slice_area_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
+
+
 class InferenceSettings(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     profile: Literal["lite", "paper"] = "lite"
@@ -199,6 +214,7 @@ class InferenceSettings(_Frozen):
     #: Backpressure: with this many series waiting for the model, new associations are
     #: refused as transient (the sender retries later); 0 = never refuse.
     queue_high_water: Annotated[int, Field(ge=0)] = 20
+    quality_gate: QualityGateSettings = QualityGateSettings()
 
 
 class SegResultSettings(_Frozen):
@@ -263,8 +279,9 @@ class ResultsSettings(_Frozen):
     uid_prefix: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)] | None = (
         None
     )
-    #: Probability at or above which the SR reports the finding as present.
-    finding_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    #: Probability at or above which the SR reports the finding as present; default (null):
+    #: the decision threshold shipped with the model (chosen for specificity >= 0.95).
+    finding_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
     manufacturer: Annotated[str, Field(min_length=1, max_length=64)] = "dcn-node"
     manufacturer_model_name: Annotated[str, Field(min_length=1, max_length=64)] = (
         "DCN COVID-19 CT"

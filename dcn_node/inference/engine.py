@@ -21,9 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcn_node.config import QualityGateSettings
 from dcn_node.errors import DcnNodeError
+from dcn_node.inference.anatomy import classical_anatomy, constrain_lung
 from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
-from dcn_node.inference.transforms import probabilities_to_shape, resize_images, window
+from dcn_node.inference.quality import GateResult, assess
+from dcn_node.inference.transforms import (
+    from_network_grid,
+    to_network_grid,
+    window,
+)
 from dcn_node.inference.weights import (
     NETWORKS,
     ModelIntegrityError,
@@ -50,11 +57,22 @@ class AnalysisResult:
     slice_probabilities: np.ndarray
     #: The four LA attention maps per slice, each (slices, h_k, w_k) float32, 0 where skipped.
     attention: list[np.ndarray]
+    #: The model's calibrated patient-level probability, computed even when the quality gate
+    #: says the series is not assessable (then it is not reported: see ``assessable``).
     probability: float
+    #: ``assessable`` and ``probability >= threshold``.
     positive: bool
     model_version: str
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: The decision threshold the probability was compared with.
+    threshold: float = 0.5
+    #: The quality gate's verdict (None: not run, e.g. results built from saved masks).
+    quality: GateResult | None = None
+
+    @property
+    def assessable(self) -> bool:
+        return self.quality is None or self.quality.assessable
 
 
 def select_device(requested: str) -> torch.device:
@@ -108,29 +126,29 @@ class LungDcnOutput:
     dcn_seconds: float = 0.0
 
 
-def run_lung_then_dcn(
-    lung_model: UNet,
-    dcn: DCN,
-    image: torch.Tensor,
-    *,
-    batch_size: int,
+def run_lung(
+    lung_model: UNet, image: torch.Tensor, *, batch_size: int,
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    threshold: float = 0.5,
-) -> LungDcnOutput:
-    """Sections 2.2-2.3 on windowed slices ``image`` (N, S, S): the lung U-Net on every
-    slice, then the DCN on the lung-masked slices that have lung. Used by the engine and
-    by training (slice probabilities for the SPM)."""
+) -> torch.Tensor:
+    """Section 2.2: lung probabilities (N, S, S) of windowed slices ``image`` (N, S, S)."""
     slices, size = image.shape[0], image.shape[-1]
-    started = time.perf_counter()
     lung_prob = torch.empty((slices, size, size))
     for start in range(0, slices, batch_size):
         with context():
             logits = lung_model(prepare(image[start:start + batch_size, None]))
         lung_prob[start:start + len(logits)] = torch.sigmoid(logits.float())[:, 0].cpu()
-    lung_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    lung = lung_prob >= threshold
+    return lung_prob
+
+
+def run_dcn(
+    dcn: DCN, image: torch.Tensor, lung: torch.Tensor, *, batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Section 2.3 on the lung-masked slices that have lung: (slices run, slice
+    probabilities, lesion probabilities, four attention maps), 0 where not run."""
+    slices, size = image.shape[0], image.shape[-1]
     keep = torch.nonzero(lung.flatten(1).any(1)).flatten()
     slice_prob = torch.zeros(slices)
     lesion_prob = torch.zeros((slices, size, size))
@@ -143,8 +161,42 @@ def run_lung_then_dcn(
         lesion_prob[index] = torch.sigmoid(out.segmentation.float())[:, 0].cpu()
         for k, alpha in enumerate(out.attention):
             attention[k][index] = alpha.float()[:, 0].cpu()
+    return keep, slice_prob, lesion_prob, attention
+
+
+def run_lung_then_dcn(
+    lung_model: UNet,
+    dcn: DCN,
+    image: torch.Tensor,
+    *,
+    batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    threshold: float = 0.5,
+) -> LungDcnOutput:
+    """Sections 2.2-2.3 on windowed slices ``image`` (N, S, S) with the U-Net's own lung
+    mask (no anatomical constraint: training's cached cases hold no HU). Used by training
+    (slice probabilities for the SPM) and the benchmarks."""
+    started = time.perf_counter()
+    lung_prob = run_lung(lung_model, image, batch_size=batch_size, prepare=prepare,
+                         context=context)
+    lung_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    keep, slice_prob, lesion_prob, attention = run_dcn(
+        dcn, image, lung_prob >= threshold, batch_size=batch_size, prepare=prepare,
+        context=context)
     return LungDcnOutput(lung_prob, keep, slice_prob, lesion_prob, attention,
                          lung_seconds, time.perf_counter() - started)
+
+
+def calibrated(probability: float, calibration: dict[str, float] | None) -> float:
+    """Platt scaling of the SPM's probability: sigmoid(scale * logit(p) + shift), fitted on
+    validation cases (``calibration`` of the manifest; None: unchanged)."""
+    if not calibration:
+        return probability
+    p = min(max(probability, 1e-7), 1 - 1e-7)
+    logit = np.log(p / (1 - p))
+    return float(1.0 / (1.0 + np.exp(-(calibration["scale"] * logit + calibration["shift"]))))
 
 
 class Engine:
@@ -175,12 +227,21 @@ class Engine:
         batch_size: int = 16,
         threshold: float = 0.5,
         reduced_precision: bool = True,
+        decision_threshold: float | None = None,
+        quality_gate: QualityGateSettings | None = None,
     ) -> None:
         self.profile = PROFILES[profile]
         self.device = select_device(device)
         self.batch_size = batch_size
+        #: Mask threshold of the lung and lesion probability maps.
         self.threshold = threshold
+        self.quality_gate = quality_gate or QualityGateSettings()
         self.manifest = load_manifest(Path(models_dir), profile)
+        self.calibration: dict[str, float] | None = self.manifest.get("calibration")
+        #: Patient-level decision threshold: the caller's, else the model's own.
+        self.decision_threshold = float(
+            decision_threshold if decision_threshold is not None
+            else self.manifest.get("decision_threshold", 0.5))
         self.model_version = str(self.manifest["model_version"])
         self.lung_model = UNet(1, self.profile.unet_width)
         self.dcn = DCN(self.profile)
@@ -215,44 +276,58 @@ class Engine:
 
     @torch.inference_mode()
     def analyze(self, volume: Volume) -> AnalysisResult:
-        """Run the three networks on ``volume``. ``timings`` of the result holds the seconds
-        of each stage: preprocessing (window, resize), lung_segmentation, dcn, spm and
-        postprocessing (masks back to the volume's geometry)."""
+        """Run the quality gate and the three networks on ``volume``.
+
+        The lung U-Net's mask is kept to what the image's anatomy allows
+        (:func:`~dcn_node.inference.anatomy.constrain_lung`) before the DCN sees it, and
+        lesions to that mask. ``timings`` of the result holds the seconds of each stage:
+        preprocessing (anatomy, window, resize), lung_segmentation, dcn, spm and
+        postprocessing (masks back to the volume's geometry).
+        """
         started = time.perf_counter()
         timings: dict[str, float] = {}
         size = self.profile.input_size
-        slices, rows, columns = volume.hu.shape
-        image = resize_images(torch.from_numpy(window(volume.hu)), size)  # (n, S, S)
+        spacing = float(volume.pixel_spacing[1])
+        slice_spacing = volume.slice_spacing_mm
+        anatomy = classical_anatomy(volume.hu, spacing, slice_spacing)
+        quality = assess(anatomy, spacing, slice_spacing, self.quality_gate)
+        grid = to_network_grid(torch.from_numpy(window(volume.hu)), spacing, size)
         timings["preprocessing"] = time.perf_counter() - started
 
-        out = run_lung_then_dcn(
-            self.lung_model, self.dcn, image, batch_size=self.batch_size,
-            prepare=self._prepare, context=self._context, threshold=self.threshold,
-        )
-        timings["lung_segmentation"] = out.lung_seconds
-        timings["dcn"] = out.dcn_seconds
+        mark = time.perf_counter()
+        lung_prob = run_lung(self.lung_model, grid.images, batch_size=self.batch_size,
+                             prepare=self._prepare, context=self._context)
+        lung = from_network_grid(lung_prob, grid).numpy() >= self.threshold
+        lung = constrain_lung(lung, volume.hu, anatomy, spacing, slice_spacing)
+        lung_net = to_network_grid(torch.from_numpy(lung), spacing, size, masks=True).images
+        timings["lung_segmentation"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        kept = out.slice_probability[out.lung_slices] if len(out.lung_slices) \
-            else torch.zeros(1)
+        keep, slice_prob, lesion_prob, attention = run_dcn(
+            self.dcn, grid.images, lung_net, batch_size=self.batch_size,
+            prepare=self._prepare, context=self._context)
+        timings["dcn"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        kept = slice_prob[keep] if len(keep) else torch.zeros(1)
         logit = self.spm(kept.to(self.device))
-        probability = float(torch.sigmoid(logit.float()).item())
+        probability = calibrated(float(torch.sigmoid(logit.float()).item()), self.calibration)
         timings["spm"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        lung = probabilities_to_shape(out.lung_probability, (rows, columns)) >= self.threshold
-        lesion = (
-            probabilities_to_shape(out.lesion_probability, (rows, columns)) >= self.threshold
-        ) & lung
+        lesion = (from_network_grid(lesion_prob, grid).numpy() >= self.threshold) & lung
         timings["postprocessing"] = time.perf_counter() - mark
+        positive = quality.assessable and probability >= self.decision_threshold
         return AnalysisResult(
-            lung=lung.numpy(),
-            lesion=lesion.numpy(),
-            slice_probabilities=out.slice_probability.numpy(),
-            attention=[a.numpy() for a in out.attention],
+            lung=lung,
+            lesion=lesion,
+            slice_probabilities=slice_prob.numpy(),
+            attention=[a.numpy() for a in grid.attention_to_volume(attention)],
             probability=probability,
-            positive=probability >= self.threshold,
+            positive=positive,
             model_version=self.model_version,
             seconds=time.perf_counter() - started,
             timings=timings,
+            threshold=self.decision_threshold,
+            quality=quality,
         )
