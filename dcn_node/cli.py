@@ -251,6 +251,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     size = PROFILES[args.profile].input_size
     if args.manifest:
         paths = manifest_cases(args.manifest, args.cache, size)
+    elif args.corpus == "v3":
+        from dcn_node.training.corpus import training_corpus
+
+        paths = training_corpus(args.cache, size, args.phantoms, args.real_ct,
+                                seed_base=args.seed_base)
     else:
         first = TRAIN_SEED_BASE + args.seed
         seeds = list(range(first, first + args.phantoms))
@@ -388,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--manifest", type=Path, help="CSV of real cases (image,lung_mask,"
                        "lesion_mask,label); default: generated phantoms")
     train.add_argument("--phantoms", type=int, default=60, help="phantom cases to train on")
+    train.add_argument("--corpus", choices=["v3", "phantoms-v2"], default="v3",
+                       help="v3: phantoms with and without COVID-19 and with other disease, "
+                       "plus real CTs with --real-ct; phantoms-v2: the earlier phantoms only")
+    train.add_argument("--real-ct", type=Path, help="cache folder of the real CTs "
+                       "(fetched when missing; see docs/real-ct.md); default: none used")
+    train.add_argument("--seed-base", type=int, default=None,
+                       help="v3: first phantom seed (default 10000: training seeds)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cache", type=Path, default=Path("var/train-cache"))
     train.add_argument("--lung-epochs", type=int, default=50)

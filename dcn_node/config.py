@@ -246,6 +246,11 @@ class ScResultSettings(_Frozen):
     #: Lesion slices shown are at least this far apart (mm), so neighbours showing the
     #: same lesion do not take every place.
     min_slice_distance_mm: Annotated[float, Field(ge=0)] = 10.0
+    #: What the heat map shows, always only inside the lungs: ``lesion_probability`` (the
+    #: DCN's per-pixel lesion probability, 0-1) or ``attention`` (the map of one
+    #: lesion-attention module, scaled to its maximum inside the lungs of the slice). See
+    #: models/README.md for how well each marks lesions.
+    heatmap: Literal["lesion_probability", "attention"] = "lesion_probability"
     #: Which lesion-attention module's map is drawn (the paper's LA modules 1-4).
     attention_module: Annotated[int, Field(ge=1, le=4)] = 3
     #: Opacity of the heat map where attention is highest (0 = not drawn).

@@ -57,6 +57,8 @@ def build_summary(
             data = json.loads(analysis.read_text())
             summary.update({key: data[key] for key in ("probability", "positive",
                                                        "model_version") if key in data})
+            if data.get("assessable") is False:
+                summary["not_assessable_reason"] = data.get("not_assessable_reason")
         except (OSError, ValueError) as exc:
             LOGGER.debug("Cannot read %s: %s", analysis, exc)
     if results is not None:
@@ -80,7 +82,9 @@ def describe(summary: dict[str, Any]) -> str:
     details = []
     if "reason" in summary:
         details.append(summary["reason"])
-    if "probability" in summary:
+    if "not_assessable_reason" in summary:
+        details.append(f"not assessable ({summary['not_assessable_reason']})")
+    elif summary.get("probability") is not None:
         verdict = "positive" if summary.get("positive") else "negative"
         details.append(f"probability {summary['probability']:.3f} ({verdict})")
     if "results" in summary:

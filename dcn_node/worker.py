@@ -143,7 +143,7 @@ class ModelWorker:
             out_dir = self.spool.results_dir(job)
             summary = write_analysis(out_dir, volume, result)
             self.spool.record_event(study, series, job.generation, "inference_end",
-                                    f"probability {summary['probability']:.3f}")
+                                    _outcome(summary))
         except Exception as exc:  # any failure fails this job only; the reason is kept
             reason = f"{type(exc).__name__}: {exc}"[:500]
             LOGGER.exception("Series %s failed: %s", series, reason)
@@ -152,8 +152,7 @@ class ModelWorker:
             if self._on_finished is not None:
                 self._on_finished(job, "failed", reason)
             return
-        LOGGER.info("Series %s analyzed: probability %.3f, %s in %.1f s", series,
-                    summary["probability"], "positive" if summary["positive"] else "negative",
+        LOGGER.info("Series %s analyzed: %s in %.1f s", series, _outcome(summary),
                     summary["seconds"])
         if self._on_result is None:
             self.spool.finish_job(job, "done")
@@ -166,6 +165,14 @@ class ModelWorker:
     def _timing(self, stage: str, seconds: float) -> None:
         if self._on_timing is not None:
             self._on_timing(stage, seconds)
+
+
+def _outcome(summary: dict) -> str:
+    """``probability 0.123, negative`` or ``not assessable: <reason>``."""
+    if not summary.get("assessable", True):
+        return f"not assessable: {summary['quality_gate']['detail']}"
+    verdict = "positive" if summary["positive"] else "negative"
+    return f"probability {summary['probability']:.3f}, {verdict}"
 
 
 def _release_memory() -> None:

@@ -68,10 +68,12 @@ def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
                                 normal=normal)
         truth = np.load(case.ground_truth_path)
         # Masks as real users have them: NRRD lung, NIfTI lesion, both stored (x, y, z).
+        # NRRD without a space is read as LPS; the NIfTI affine (RAS) says that x runs to
+        # the patient's left and y to the back, as the DICOM columns and rows do.
         lung_path, lesion_path = tmp_path / f"lung{seed}.nrrd", tmp_path / f"lesion{seed}.nii.gz"
         nrrd.write(str(lung_path), truth["lung"].transpose(2, 1, 0).astype(np.uint8))
         nibabel.save(nibabel.Nifti1Image(truth["lesion"].transpose(2, 1, 0).astype(np.uint8),
-                                         np.eye(4)), str(lesion_path))
+                                         np.diag([-1.0, -1.0, 1.0, 1.0])), str(lesion_path))
         rows.append(f"{case.series_dir.relative_to(tmp_path)},{lung_path.name},"
                     f"{lesion_path.name},{case.label}")
     manifest = tmp_path / "cases.csv"
@@ -124,3 +126,34 @@ def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert "spm: slice probabilities of 2 cases from" in tuned_log
     assert tuned_log.count("spm: slice probabilities of 2/2 training cases") == 1
     assert "spm epoch 2/2" in tuned_log
+
+
+def test_nifti_and_nrrd_are_read_in_the_dicom_orientation(tmp_path: Path) -> None:
+    """A volume stored with its x axis running to the patient's right (RAS affine, as many
+    tools write NIfTI) or its y axis flipped (NRRD space directions) comes back in the
+    orientation DICOM inference uses: slices inferior to superior, rows anterior to
+    posterior, columns right to left."""
+    import nibabel
+    import nrrd
+
+    from dcn_node.training.cases import read_volume
+
+    rng = np.random.default_rng(5)
+    volume = rng.integers(-1000, 400, size=(6, 7, 8)).astype(np.int16)  # (z, y, x) in LPS
+    volume[0, 0, 0] = 3000  # inferior, anterior, patient's right corner
+    # NIfTI, x stored towards the patient's right and y towards anterior: both flipped.
+    flipped = volume[:, ::-1, ::-1].transpose(2, 1, 0)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])  # RAS: +x right, +y anterior
+    nibabel.save(nibabel.Nifti1Image(flipped, affine), str(tmp_path / "ras.nii.gz"))
+    array, spacing, slice_spacing = read_volume(tmp_path / "ras.nii.gz")
+    assert np.array_equal(array, volume)
+    assert (spacing, slice_spacing) == pytest.approx((0.8, 2.5))
+    # The same without honouring the affine would be the flipped array.
+    assert not np.array_equal(np.asarray(flipped).transpose(2, 1, 0), volume)
+    # NRRD with y stored towards anterior (LPS space, negative y direction).
+    header = {"space": "left-posterior-superior",
+              "space directions": np.diag([0.8, -0.8, 2.5]), "space origin": [0, 0, 0]}
+    nrrd.write(str(tmp_path / "flip.nrrd"), volume[:, ::-1, :].transpose(2, 1, 0).copy(),
+               header)
+    array, _, _ = read_volume(tmp_path / "flip.nrrd")
+    assert np.array_equal(array, volume)

@@ -21,11 +21,18 @@ def summarize(volume: Volume, result: AnalysisResult) -> dict[str, Any]:
     voxel_ml = volume.voxel_volume_ml
     lung_ml = float(result.lung.sum() * voxel_ml)
     lesion_ml = float(result.lesion.sum() * voxel_ml)
+    quality = result.quality.as_dict() if result.quality is not None else None
     return {
         "series_instance_uid": volume.series_instance_uid,
         "study_instance_uid": volume.study_instance_uid,
-        "probability": round(result.probability, 6),
-        "positive": bool(result.positive),
+        # Not assessable (the quality gate): no probability, no verdict, the reason instead.
+        "assessable": result.assessable,
+        "not_assessable_reason": None if result.assessable or quality is None
+        else quality["reason"],
+        "probability": round(result.probability, 6) if result.assessable else None,
+        "positive": bool(result.positive) if result.assessable else None,
+        "threshold": result.threshold,
+        "quality_gate": quality,
         "lesion_volume_ml": round(lesion_ml, 2),
         "lung_volume_ml": round(lung_ml, 2),
         "involvement_percent": round(100.0 * lesion_ml / lung_ml, 3) if lung_ml else 0.0,

@@ -25,7 +25,7 @@ from dcn_node.config import QualityGateSettings
 from dcn_node.errors import DcnNodeError
 from dcn_node.inference.anatomy import classical_anatomy, constrain_lung
 from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
-from dcn_node.inference.quality import GateResult, assess
+from dcn_node.inference.quality import GateResult, NotAssessable, assess
 from dcn_node.inference.transforms import (
     from_network_grid,
     to_network_grid,
@@ -55,7 +55,8 @@ class AnalysisResult:
     lesion: np.ndarray  # bool (slices, rows, columns)
     #: DCN probability per slice; 0 where the slice has no lung (not run).
     slice_probabilities: np.ndarray
-    #: The four LA attention maps per slice, each (slices, h_k, w_k) float32, 0 where skipped.
+    #: The four LA attention maps per slice, each (slices, h_k, w_k) float32 covering the
+    #: volume's field of view, 0 where skipped.
     attention: list[np.ndarray]
     #: The model's calibrated patient-level probability, computed even when the quality gate
     #: says the series is not assessable (then it is not reported: see ``assessable``).
@@ -69,6 +70,9 @@ class AnalysisResult:
     threshold: float = 0.5
     #: The quality gate's verdict (None: not run, e.g. results built from saved masks).
     quality: GateResult | None = None
+    #: The DCN's lesion probability per pixel at the network's resolution, (slices, h, w)
+    #: float16 covering the volume's field of view (None: not kept).
+    lesion_probability: np.ndarray | None = None
 
     @property
     def assessable(self) -> bool:
@@ -299,6 +303,8 @@ class Engine:
                              prepare=self._prepare, context=self._context)
         lung = from_network_grid(lung_prob, grid).numpy() >= self.threshold
         lung = constrain_lung(lung, volume.hu, anatomy, spacing, slice_spacing)
+        if quality.reason is NotAssessable.NO_LUNGS:  # whatever the U-Net saw is not lung
+            lung[:] = False
         lung_net = to_network_grid(torch.from_numpy(lung), spacing, size, masks=True).images
         timings["lung_segmentation"] = time.perf_counter() - mark
 
@@ -330,4 +336,6 @@ class Engine:
             timings=timings,
             threshold=self.decision_threshold,
             quality=quality,
+            lesion_probability=grid.attention_to_volume([lesion_prob])[0].numpy().astype(
+                np.float16),
         )

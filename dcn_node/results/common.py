@@ -65,6 +65,26 @@ LUNG_INVOLVEMENT = hd.sr.CodedConcept("DCN0001", PRIVATE_SCHEME,
                                       "Percentage of lung volume with lesions")
 SLICES_WITH_LESIONS = hd.sr.CodedConcept("DCN0002", PRIVATE_SCHEME,
                                          "Number of slices with lesions")
+#: SNOMED CT 373068000 |Undetermined|: the finding when the series is not assessable.
+UNDETERMINED = hd.sr.CodedConcept("373068000", "SCT", "Undetermined")
+#: Why the quality gate found the series not assessable (private: no standard codes exist).
+NOT_ASSESSABLE_REASON = hd.sr.CodedConcept("DCN0003", PRIVATE_SCHEME,
+                                           "Reason not assessable")
+NOT_ASSESSABLE_REASONS = {
+    "no_lungs": hd.sr.CodedConcept("DCN0101", PRIVATE_SCHEME, "No lungs in the scan"),
+    "lungs_cut_by_field_of_view": hd.sr.CodedConcept(
+        "DCN0102", PRIVATE_SCHEME, "Lungs cut by the field of view"),
+    "lungs_cut_by_scan_range": hd.sr.CodedConcept(
+        "DCN0103", PRIVATE_SCHEME, "Lungs cut by the scan range"),
+    "slices_too_thick": hd.sr.CodedConcept("DCN0104", PRIVATE_SCHEME, "Slices too thick"),
+}
+
+
+def decision_threshold(settings: ResultsSettings, result: Any) -> float:
+    """The configured finding threshold, else the one the model was shipped with."""
+    if settings.finding_threshold is not None:
+        return float(settings.finding_threshold)
+    return float(getattr(result, "threshold", 0.5))
 
 #: Patient and study attributes a malformed source may lack; written empty (type 2).
 _TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",

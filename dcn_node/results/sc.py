@@ -60,6 +60,35 @@ def attention_map(result: AnalysisResult, module: int) -> np.ndarray | None:
     return np.asarray(result.attention[module - 1], dtype=np.float32)
 
 
+def heat_map(result: AnalysisResult, settings: ScResultSettings) -> np.ndarray | None:
+    """The configured heat map (slices, h, w), zero outside the lungs, or None.
+
+    The lung mask is brought to the map's resolution (a map pixel counts as lung when any
+    of its area is), so nothing outside the lungs is ever tinted.
+    """
+    if settings.heatmap == "lesion_probability":
+        values = None if result.lesion_probability is None \
+            else np.asarray(result.lesion_probability, dtype=np.float32)
+    else:
+        values = attention_map(result, settings.attention_module)
+    if values is None:
+        return None
+    import torch
+    import torch.nn.functional as F
+
+    lung = torch.from_numpy(result.lung)[:, None].float()
+    inside = F.adaptive_max_pool2d(lung, values.shape[1:])[:, 0].numpy() > 0 \
+        if values.shape[1] <= lung.shape[2] else \
+        F.interpolate(lung, size=values.shape[1:], mode="nearest")[:, 0].numpy() > 0
+    return values * inside
+
+
+def heat_legend(settings: ScResultSettings) -> str:
+    if settings.heatmap == "lesion_probability":
+        return "heat map: lesion probability, in the lungs"
+    return f"heat map: attention of LA module {settings.attention_module}, in the lungs"
+
+
 def key_slices(result: AnalysisResult, settings: ScResultSettings,
                slice_offsets: np.ndarray | None = None) -> list[int]:
     """The slices shown: largest lesion areas first, then the strongest attention.
@@ -73,7 +102,7 @@ def key_slices(result: AnalysisResult, settings: ScResultSettings,
     offsets = np.arange(slices, dtype=float) if slice_offsets is None \
         else np.asarray(slice_offsets, dtype=float)
     areas = result.lesion.reshape(slices, -1).sum(axis=1)
-    attention = attention_map(result, settings.attention_module)
+    attention = heat_map(result, settings)
     want_attention = settings.strongest_attention_slice and attention is not None \
         and float(attention.max(initial=0.0)) > 0
     lesion_budget = min(settings.largest_lesion_slices,
@@ -140,12 +169,15 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
     gray = _resample(gray, (height, width)) * 255
     image = np.repeat(gray[:, :, None], 3, axis=2)
 
-    # The attention heat map, translucent, transparent where attention is weak.
-    attention = attention_map(result, sc.attention_module)
+    # The heat map, translucent, only inside the lungs, transparent where it is weak.
+    attention = heat_map(result, sc)
     top = 1.0
     if attention is not None and sc.heatmap_opacity > 0:
-        top = max(1.0, float(attention.max(initial=0.0)))  # sigmoid maps: 0..1
-        values = np.clip(_resample(attention[index], (height, width)) / top, 0, 1)
+        lung = np.repeat(np.repeat(result.lung[index], scale, axis=0), scale, axis=1)
+        values = _resample(attention[index], (height, width)) * lung
+        if sc.heatmap == "attention":  # relative: scaled to its maximum inside the lungs
+            top = max(float(values.max(initial=0.0)), 1e-6)
+        values = np.clip(values / top, 0, 1)
         alpha = sc.heatmap_opacity * np.clip((values - HEAT_FLOOR) / (0.6 - HEAT_FLOOR), 0, 1)
         image = image * (1 - alpha[..., None]) + heat_colors(values) * alpha[..., None]
 
@@ -167,19 +199,30 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
               bold=True, shadow=True)
 
     # Header: the patient-level result, the slice, the legend.
-    positive = result.probability >= settings.finding_threshold
-    x = pad + draw_text(canvas, pad, pad // 2, f"COVID-19 probability {result.probability:.2f}"
-                        " - ", TEXT_RGB, size=size, bold=True)
-    draw_text(canvas, x, pad // 2,
-              f"{'POSITIVE' if positive else 'negative'} at threshold "
-              f"{settings.finding_threshold:.2f}",
-              POSITIVE_RGB if positive else NEGATIVE_RGB, size=size, bold=True)
+    threshold = common.decision_threshold(settings, result)
+    if result.assessable:
+        positive = result.probability >= threshold
+        x = pad + draw_text(canvas, pad, pad // 2,
+                            f"COVID-19 probability {result.probability:.2f} - ", TEXT_RGB,
+                            size=size, bold=True)
+        draw_text(canvas, x, pad // 2,
+                  f"{'POSITIVE' if positive else 'negative'} at threshold {threshold:.2f}",
+                  POSITIVE_RGB if positive else NEGATIVE_RGB, size=size, bold=True)
+    else:  # the quality gate's reason instead of a probability
+        reason = result.quality.reason.value.replace("_", " ")  # type: ignore[union-attr]
+        draw_text(canvas, pad, pad // 2, f"NOT ASSESSABLE: {reason}", WARNING_RGB, size=size,
+                  bold=True)
     lesion_ml = float(np.count_nonzero(result.lesion)) * volume.voxel_volume_ml
     lung_ml = float(np.count_nonzero(result.lung)) * volume.voxel_volume_ml
     with_lesions = int(np.count_nonzero(result.lesion.any(axis=(1, 2))))
-    draw_text(canvas, pad, pad // 2 + line,
-              f"Lesions {lesion_ml:.1f} ml = {100 * lesion_ml / max(lung_ml, 1e-9):.1f} % of "
-              f"the lungs ({lung_ml:.0f} ml), on {with_lesions} slices", TEXT_RGB, size=size)
+    second = (f"Lesions {lesion_ml:.1f} ml = {100 * lesion_ml / max(lung_ml, 1e-9):.1f} % of "
+              f"the lungs ({lung_ml:.0f} ml), on {with_lesions} slices")
+    if not result.assessable:
+        second = result.quality.detail  # type: ignore[union-attr]
+        while glyphs(size).width(second) > canvas.shape[1] - 2 * pad and len(second) > 8:
+            second = second[:-5].rstrip() + "..."
+    draw_text(canvas, pad, pad // 2 + line, second,
+              WARNING_RGB if not result.assessable else TEXT_RGB, size=size)
     area_cm2 = float(result.lesion[index].sum()) * volume.pixel_spacing[0] \
         * volume.pixel_spacing[1] / 100.0
     detail = f"{_slice_label(volume, index)}: lesion {area_cm2:.1f} cm2"
@@ -191,13 +234,13 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
     x = pad + draw_text(canvas, pad, pad // 2 + 3 * line, "outline: lesion", OUTLINE_RGB,
                         size=size)
     if attention is not None and sc.heatmap_opacity > 0:
-        draw_text(canvas, x, pad // 2 + 3 * line,
-                  f"   heat map: attention of LA module {sc.attention_module}", TEXT_RGB,
+        draw_text(canvas, x, pad // 2 + 3 * line, "   " + heat_legend(sc), TEXT_RGB,
                   size=size)
 
     # Colour bar, right of the image.
     if attention is not None and sc.heatmap_opacity > 0:
-        _colour_bar(canvas, width, header, height, panel, size, top)
+        _colour_bar(canvas, width, header, height, panel, size, top,
+                    "prob." if sc.heatmap == "lesion_probability" else "attn.")
 
     # Footer.
     draw_text(canvas, pad, header + height + pad // 2,
@@ -207,7 +250,7 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
 
 
 def _colour_bar(canvas: np.ndarray, x0: int, y0: int, height: int, panel: int, size: int,
-                top: float) -> None:
+                top: float, label: str) -> None:
     bar_height = int(height * 0.6)
     bar_top = y0 + (height - bar_height) // 2
     bar_left, bar_width = x0 + panel // 6, max(8, panel // 5)
@@ -220,7 +263,7 @@ def _colour_bar(canvas: np.ndarray, x0: int, y0: int, height: int, panel: int, s
         y = bar_top + int((1 - fraction) * (bar_height - 1))
         canvas[y, bar_left + bar_width:bar_left + bar_width + 3] = TEXT_RGB
         draw_text(canvas, text_x, y - line // 2, f"{fraction * top:.2g}", TEXT_RGB, size=size)
-    draw_text(canvas, bar_left - 2, bar_top - line - 6, "attn.", TEXT_RGB, size=size)
+    draw_text(canvas, bar_left - 2, bar_top - line - 6, label, TEXT_RGB, size=size)
 
 
 def build_overlays(volume: Volume, result: AnalysisResult, settings: ResultsSettings
@@ -262,7 +305,8 @@ def build_overlays(volume: Volume, result: AnalysisResult, settings: ResultsSett
         image.BodyPartExamined = "CHEST"
         image.ImageComments = common.NOT_FOR_DIAGNOSIS
         image.DerivationDescription = (
-            "CT slice in lung window with AI lesion outline and attention heat map")
+            f"CT slice in lung window with AI lesion outline and {settings.sc.heatmap} "
+            "heat map inside the lungs")
         reference = Dataset()
         reference.ReferencedSOPClassUID = volume.source_datasets[index].SOPClassUID
         reference.ReferencedSOPInstanceUID = source_uid

@@ -46,7 +46,7 @@ def _algorithm(result: AnalysisResult, settings: ResultsSettings, *, full: bool 
     return hd.sr.AlgorithmIdentification(
         name=common.ALGORITHM_NAME,
         version=result.model_version,
-        parameters=[f"finding threshold {settings.finding_threshold:g}"],
+        parameters=[f"finding threshold {common.decision_threshold(settings, result):g}"],
         family=common.ARTIFICIAL_INTELLIGENCE,
         manufacturer=settings.manufacturer,
     )
@@ -144,15 +144,28 @@ def build_report(volume: Volume, result: AnalysisResult, settings: ResultsSettin
     version = result.model_version
     values = measurements(volume, result)
     lung_site = [hd.sr.FindingSite(common.LUNG)]
-    present = values["probability"] >= settings.finding_threshold
-    assessment = _group(
-        volume, settings, result, None, None, "COVID-19 assessment", "assessment",
-        finding_type=common.COVID19, finding_sites=lung_site,
-        measurements=[hd.sr.Measurement(name=common.PROBABILITY, value=values["probability"],
-                                        unit=common.UNIT_ONE)],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            name=common.COVID19, value=common.PRESENT if present else common.ABSENT)],
-    )
+    if result.assessable:
+        present = values["probability"] >= common.decision_threshold(settings, result)
+        assessment = _group(
+            volume, settings, result, None, None, "COVID-19 assessment", "assessment",
+            finding_type=common.COVID19, finding_sites=lung_site,
+            measurements=[hd.sr.Measurement(name=common.PROBABILITY,
+                                            value=values["probability"],
+                                            unit=common.UNIT_ONE)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=common.COVID19, value=common.PRESENT if present else common.ABSENT)],
+        )
+    else:  # the quality gate: no probability, the finding undetermined, and why
+        reason = result.quality.reason.value  # type: ignore[union-attr]
+        assessment = _group(
+            volume, settings, result, None, None, "COVID-19 assessment", "assessment",
+            finding_type=common.COVID19, finding_sites=lung_site,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(name=common.COVID19, value=common.UNDETERMINED),
+                hd.sr.QualitativeEvaluation(name=common.NOT_ASSESSABLE_REASON,
+                                            value=common.NOT_ASSESSABLE_REASONS[reason]),
+            ],
+        )
     lesions = _group(
         volume, settings, result, seg, LESION_SEGMENT, "COVID-19 lesions", "lesion",
         finding_type=common.LESION, finding_category=common.MORPHOLOGICALLY_ABNORMAL,
@@ -201,7 +214,8 @@ def build_report(volume: Volume, result: AnalysisResult, settings: ResultsSettin
         **common.equipment_kwargs(settings, version, volume),  # type: ignore[arg-type]
     )
     common.finish(sr, settings, volume)
-    LOGGER.info("SR %s for series %s: probability %.3f, lesions %.1f ml",
-                sr.SOPInstanceUID, volume.series_instance_uid, values["probability"],
-                values["lesion_ml"])
+    LOGGER.info("SR %s for series %s: %s, lesions %.1f ml", sr.SOPInstanceUID,
+                volume.series_instance_uid,
+                f"probability {values['probability']:.3f}" if result.assessable
+                else "not assessable", values["lesion_ml"])
     return sr

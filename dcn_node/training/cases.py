@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dcn_node.errors import DcnNodeError
-from dcn_node.inference.transforms import resize_images, resize_masks, window
+from dcn_node.inference.transforms import to_network_grid, window
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,17 +58,22 @@ class Case:
 
 def make_case(
     name: str, hu: np.ndarray, lung: np.ndarray | None, lesion: np.ndarray | None, label: int,
-    size: int,
+    size: int, *, pixel_spacing_mm: float | None = None,
 ) -> Case:
-    """Window and resize a HU volume (slices, rows, columns) and its masks to ``size``."""
-    image = resize_images(torch.from_numpy(window(hu)), size).numpy().astype(np.float16)
+    """Window a HU volume (slices, rows, columns) and bring it and its masks onto the
+    network grid (:func:`~dcn_node.inference.transforms.to_network_grid`; without a pixel
+    spacing, a plain resize to ``size``)."""
+    spacing = pixel_spacing_mm if pixel_spacing_mm is not None else 1e6  # 1e6: no padding
+    image = to_network_grid(torch.from_numpy(window(hu)), spacing, size).images
+    image = image.numpy().astype(np.float16)
 
     def _mask(mask: np.ndarray | None) -> np.ndarray | None:
         if mask is None:
             return None
         if mask.shape != hu.shape:
             raise DcnNodeError(f"{name}: mask shape {mask.shape} differs from image {hu.shape}")
-        return resize_masks(torch.from_numpy(mask.astype(bool)), size).numpy()
+        return to_network_grid(torch.from_numpy(mask.astype(bool)), spacing, size,
+                               masks=True).images.numpy()
 
     return Case(name, image, _mask(lung), _mask(lesion), int(label))
 
@@ -92,7 +97,7 @@ def phantom_cases(
         if not path.exists():
             volume = generate_volume(seed, thickness_mm=thickness, normal=normal)
             case = make_case(path.stem, volume.hu, volume.lung, volume.lesion, volume.label,
-                             size)
+                             size, pixel_spacing_mm=volume.pixel_spacing_mm)
             case.save(path)
             LOGGER.info("phantom seed %d: %d slices, label %d", seed, len(case.image),
                         case.label)
@@ -100,25 +105,33 @@ def phantom_cases(
     return paths
 
 
-def _read_array(path: Path) -> np.ndarray:
-    """A NIfTI or NRRD volume as (slices, rows, columns)."""
+def read_volume(path: Path) -> tuple[np.ndarray, float, float]:
+    """A NIfTI or NRRD volume in the orientation DICOM inference uses, with its spacing.
+
+    The file's affine (NIfTI sform/qform, NRRD space directions) is honoured: the volume is
+    reoriented to LPS (SimpleITK's ``DICOMOrient``), so the array (slices, rows, columns)
+    runs inferior to superior, anterior to posterior and patient right to left, as a DICOM
+    series is read. Returns (array, in-plane pixel spacing mm, slice spacing mm).
+    """
     name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        try:
-            import nibabel
-        except ImportError as exc:
-            raise DcnNodeError("reading NIfTI needs nibabel: pip install -e .[train]") from exc
-        data = np.asarray(nibabel.load(str(path)).dataobj)
-    elif name.endswith(".nrrd"):
-        try:
-            import nrrd
-        except ImportError as exc:
-            raise DcnNodeError("reading NRRD needs pynrrd: pip install -e .[train]") from exc
-        data, _ = nrrd.read(str(path))
-    else:
+    if not name.endswith((".nii", ".nii.gz", ".nrrd")):
         raise DcnNodeError(f"{path}: not a NIfTI or NRRD file")
-    # Both store (x, y, z): make it (z, y, x) = (slices, rows, columns).
-    return np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    try:
+        import SimpleITK as sitk
+    except ImportError as exc:
+        raise DcnNodeError("reading NIfTI/NRRD needs SimpleITK: pip install -e .[train]"
+                           ) from exc
+    image = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+    spacing_x, spacing_y, spacing_z = image.GetSpacing()
+    if abs(spacing_x - spacing_y) > 0.01 * spacing_x:
+        LOGGER.warning("%s: non-square pixels %.3f x %.3f mm; using the column spacing",
+                       path, spacing_x, spacing_y)
+    return np.ascontiguousarray(sitk.GetArrayFromImage(image)), float(spacing_x), \
+        float(spacing_z)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    return read_volume(path)[0]
 
 
 def manifest_cases(manifest: Path, cache_dir: Path, size: int) -> list[Path]:
@@ -140,15 +153,17 @@ def manifest_cases(manifest: Path, cache_dir: Path, size: int) -> list[Path]:
             path = cache_dir / f"case-{row_number:05d}-{size}.npz"
             if not path.exists():
                 if image_path.is_dir():
-                    hu = load_dicom_folder(image_path).hu
+                    volume = load_dicom_folder(image_path)
+                    hu, spacing = volume.hu, float(volume.pixel_spacing[1])
                 else:
-                    hu = _read_array(image_path).astype(np.float32)
+                    array, spacing, _ = read_volume(image_path)
+                    hu = array.astype(np.float32)
                 lung = _read_array(base / row["lung_mask"]) if row.get("lung_mask") else None
                 lesion = (_read_array(base / row["lesion_mask"]) > 0
                           if row.get("lesion_mask") else None)
                 if lesion is None and label == 0:
                     lesion = np.zeros(hu.shape, dtype=bool)
                 make_case(path.stem, hu, lung > 0 if lung is not None else None, lesion,
-                          label, size).save(path)
+                          label, size, pixel_spacing_mm=spacing).save(path)
             paths.append(path)
     return paths

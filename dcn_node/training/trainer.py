@@ -328,6 +328,8 @@ class Trainer:
 
     def train_spm(self, lung_model: UNet, dcn: DCN) -> SliceProbabilityMapping:
         settings = self.settings
+        if settings.spm_epochs == 0:  # keep the mapping it starts from (or a fresh one)
+            return self._fit("spm", SliceProbabilityMapping().to(self.device), 0, list)
         curves, labels = [], []
         all_probabilities = self._case_slice_probabilities(lung_model, dcn)
         for case, probabilities in zip(self.cases, all_probabilities, strict=True):
