@@ -160,3 +160,15 @@ def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Lite-profile weights straight from initialisation (seeded): the pipeline runs end
     to end, deterministically, without depending on the shipped weights."""
     return make_untrained_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> Path:
+    """The cache of real CTs (dcn_node.training.real_ct): fetched once (SHA-256-checked)
+    into ``$DCN_NODE_REAL_CT_CACHE`` or ``var/real-ct`` of the checkout, never into git."""
+    cache = Path(os.environ.get("DCN_NODE_REAL_CT_CACHE",
+                                Path(__file__).resolve().parents[1] / "var" / "real-ct"))
+    from dcn_node.training.real_ct import real_cases
+
+    real_cases(cache)  # fetch everything once, up front
+    return cache

@@ -86,7 +86,7 @@ def airway_mask(hu: np.ndarray, body: np.ndarray, pixel_spacing_mm: float) -> np
             if previous is not None:
                 break
             continue
-        dark = (hu[index] < AIRWAY_HU) & ndimage.binary_erosion(body[index], _disk(2))
+        dark = (hu[index] < AIRWAY_HU) & ndimage.binary_erosion(body[index], _disk(2), border_value=1)
         labels, count = ndimage.label(dark, _STRUCT_2D)
         if count == 0:
             if previous is not None:
@@ -185,7 +185,7 @@ def classical_anatomy(hu: np.ndarray, pixel_spacing_mm: float, slice_spacing_mm:
     margin = _disk(max(1, round(2.0 / pixel_spacing_mm)))
     for index, image in enumerate(body):
         if image.any():
-            inside[index] = ndimage.binary_erosion(image, margin)
+            inside[index] = ndimage.binary_erosion(image, margin, border_value=1)
     candidates = (hu < AIR_HU) & inside & ~airway
     lung = _air_components(candidates, hu, voxel_ml, min_ml=5.0, min_fraction=0.05)
     lung = _fill_small_holes(lung, 30.0 / (pixel_spacing_mm / 10.0) ** 2)
@@ -218,7 +218,7 @@ def constrain_lung(predicted: np.ndarray, hu: np.ndarray, anatomy: Anatomy,
         if not predicted[index].any() or not anatomy.lung[index].any():
             continue
         near = ndimage.distance_transform_edt(~anatomy.lung[index]) <= reach_px
-        allowed[index] = near & ndimage.binary_erosion(anatomy.body[index], margin)
+        allowed[index] = near & ndimage.binary_erosion(anatomy.body[index], margin, border_value=1)
     lung = predicted & allowed & ~anatomy.airway
     labels, count = ndimage.label(lung, _STRUCT_3D)
     if count:
