@@ -313,8 +313,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     baseline = (Engine(models, args.profile, args.device, optimized=False)
                 if args.compare_naive else None)
     report = evaluate_on_phantoms(engine, args.out, args.cases, EVAL_SEED_BASE + args.seed,
-                                  keep_cases=args.keep_cases, baseline=baseline)
+                                  keep_cases=args.keep_cases, baseline=baseline,
+                                  held_out=args.held_out)
     print(report)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
+    from dcn_node.training.calibration import calibrate
+    from dcn_node.training.corpus import VALIDATION_SEED_BASE
+    from dcn_node.training.evaluation import evaluate_on_phantoms
+
+    configure_logging("INFO")
+    models = args.models or DEFAULT_MODELS_DIR
+    engine = Engine(models, args.profile, args.device)
+    engine.calibration = None  # raw probabilities: what the calibration maps
+    evaluate_on_phantoms(engine, args.out, args.cases, VALIDATION_SEED_BASE + args.seed,
+                         held_out="v3")
+    rows = json.loads((args.out / "cases.json").read_text())
+    labels = np.array([row["label"] for row in rows])
+    raw = np.array([row["probability"] for row in rows])
+    print(json.dumps(calibrate(Path(models), args.profile, labels, raw, args.out,
+                               args.min_specificity), indent=2))
     return 0
 
 
@@ -383,9 +406,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cases", type=int, default=40, help="half with lesions, half not")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--keep-cases", action="store_true")
+    evaluate.add_argument("--held-out", choices=["v3", "phantoms-v2"], default="v3",
+                          help="v3: COVID-19, normal and other-disease phantoms; "
+                          "phantoms-v2: the earlier held-out set")
     evaluate.add_argument("--compare-naive", action="store_true",
                           help="also run the naive float32 path and print the metric deltas")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    calibrate = sub.add_parser("calibrate", help="calibrate the probability and set the "
+                               "decision threshold on validation phantoms (updates the "
+                               "manifest)")
+    calibrate.add_argument("--models", type=Path, required=True, help="weights folder")
+    calibrate.add_argument("--out", type=Path, default=Path("var/calibration"))
+    calibrate.add_argument("--profile", choices=["lite", "paper"], default="lite")
+    calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument("--cases", type=int, default=80)
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--min-specificity", type=float, default=0.95)
+    calibrate.set_defaults(func=cmd_calibrate)
 
     train = sub.add_parser("train", help="train the lung U-Net, DCN and SPM (resumable)")
     train.add_argument("--out", type=Path, default=Path("models"), help="weights folder")

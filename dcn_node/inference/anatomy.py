@@ -86,7 +86,8 @@ def airway_mask(hu: np.ndarray, body: np.ndarray, pixel_spacing_mm: float) -> np
             if previous is not None:
                 break
             continue
-        dark = (hu[index] < AIRWAY_HU) & ndimage.binary_erosion(body[index], _disk(2), border_value=1)
+        dark = (hu[index] < AIRWAY_HU) & ndimage.binary_erosion(body[index], _disk(2),
+                                                                border_value=1)
         labels, count = ndimage.label(dark, _STRUCT_2D)
         if count == 0:
             if previous is not None:

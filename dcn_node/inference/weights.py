@@ -38,11 +38,12 @@ def manifest_path(models_dir: Path, profile: str) -> Path:
     return Path(models_dir) / f"{profile}-manifest.json"
 
 
-def model_version_for(profile: str, files: dict[str, dict[str, str]]) -> str:
+def model_version_for(profile: str, files: dict[str, dict[str, str]], extra: str = "") -> str:
     """``PROFILE-YYYYMMDD-xxxxxxxx``: the training date, and the start of a hash of the
-    networks' SHA-256s, so two sets of weights trained the same day never share a version
-    (it is written into every result object)."""
-    digest = hashlib.sha256("".join(files[name]["sha256"] for name in NETWORKS).encode())
+    networks' SHA-256s (and ``extra``: the calibration), so two sets of weights trained the
+    same day never share a version (it is written into every result object)."""
+    digest = hashlib.sha256(
+        ("".join(files[name]["sha256"] for name in NETWORKS) + extra).encode())
     return f"{profile}-{time.strftime('%Y%m%d')}-{digest.hexdigest()[:8]}"
 
 

@@ -91,11 +91,13 @@ def segmentation_table(lung: PixelCounts, lesion: PixelCounts) -> str:
     return "\n".join(lines)
 
 
-def classification_table(slice_level: Classification, individual: Classification) -> str:
+def classification_table(slice_level: Classification, individual: Classification,
+                         threshold: float = 0.5) -> str:
+    """Slice level at 0.5 (the DCN's own output); individual at the decision threshold."""
     lines = ["Table 3 (shape): classification performance",
              f"{'':12}{'Acc':>9}{'Sen':>9}{'Spc':>9}{'AA':>9}{'AUC':>8}{'n':>7}"]
     for name, result in (("Slice", slice_level), ("Individual", individual)):
-        m = result.metrics()
+        m = result.metrics(threshold if name == "Individual" else 0.5)
         lines.append(f"{name:12}{m['Acc']:>9.2%}{m['Sen']:>9.2%}{m['Spc']:>9.2%}"
                      f"{m['AA']:>9.2%}{m['AUC']:>8.4f}{m['n']:>7}")
     return "\n".join(lines)
@@ -155,45 +157,82 @@ def delta_table(optimized: _Scores, baseline: _Scores) -> str:
     return "\n".join(lines)
 
 
-def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int, *,
-                         keep_cases: bool = False, baseline: Any = None) -> str:
-    """Generate ``cases`` held-out phantoms (alternately with lesions and normal, 5 and 1 mm
-    slices), run them through the whole path (DICOM files -> volume -> engine) and write
-    ``report.txt``, ``cases.json`` and ``roc.png`` into ``out_dir``; returns the report.
-    With a ``baseline`` engine (the naive float32 path) the same cases also run through it
-    and the report ends with the accuracy delta between the two."""
+def _generator_v2_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, int, str]:
+    """The earlier held-out set: alternately lesions and normal, 5 and 1 mm."""
     from dcn_node.phantom import generate_phantom
+
+    thickness = (5.0, 1.0)[(index // 2) % 2]
+    case = generate_phantom(case_dir, seed, thickness_mm=thickness, normal=index % 2 == 1)
+    truth = dict(np.load(case.ground_truth_path))
+    return case.series_dir, truth, case.label, "covid" if case.label else "normal"
+
+
+def _corpus_v3_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, int, str]:
+    """Phantoms with COVID-19, normal, or with other disease (corpus v3 kinds)."""
+    from dcn_node.phantom import PhantomVolume, write_series
+    from dcn_node.training.corpus import phantom_case, phantom_seeds
+
+    _, kind, thickness = list(phantom_seeds(seed - index, index + 1))[-1]
+    volume = phantom_case(seed, kind, thickness)
+    hu = np.clip(np.rint(volume.hu), -1024, 3071).astype(np.int16)
+    phantom = PhantomVolume(hu, volume.lung, volume.lesion, volume.pixel_spacing_mm,
+                            volume.slice_spacing_mm, volume.label)
+    uids = write_series(phantom, case_dir / "series", seed)
+    truth = {"lung": volume.lung, "lesion": volume.lesion,
+             "sop_instance_uids": np.array(uids)}
+    label_kind = kind if kind != "other" else "other:" + "+".join(volume.findings)
+    return case_dir / "series", truth, volume.label, label_kind
+
+
+HELD_OUT_SETS = {"phantoms-v2": _generator_v2_case, "v3": _corpus_v3_case}
+
+
+def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int, *,
+                         keep_cases: bool = False, baseline: Any = None,
+                         held_out: str = "phantoms-v2") -> str:
+    """Generate ``cases`` held-out phantoms of set ``held_out`` (``phantoms-v2``: the
+    earlier generator, alternately with lesions and normal, 5 and 1 mm; ``v3``: COVID-19,
+    normal and other disease in turn), run them through the whole path (DICOM files ->
+    volume -> engine) and write ``report.txt``, ``cases.json`` and ``roc.png`` into
+    ``out_dir``; returns the report. With a ``baseline`` engine (the naive float32 path)
+    the same cases also run through it and the report ends with the accuracy delta."""
     from dcn_node.volume import load_dicom_folder
 
+    make = HELD_OUT_SETS[held_out]
     out_dir.mkdir(parents=True, exist_ok=True)
     scores, baseline_scores = _Scores(), _Scores()
     rows = []
+    threshold = float(getattr(engine, "decision_threshold", 0.5))
     for index in range(cases):
         seed = first_seed + index
-        thickness = (5.0, 1.0)[(index // 2) % 2]
         case_dir = out_dir / "cases" / f"{seed}"
-        case = generate_phantom(case_dir, seed, thickness_mm=thickness, normal=index % 2 == 1)
-        truth = np.load(case.ground_truth_path)
-        volume = load_dicom_folder(case.series_dir)
+        series_dir, truth, label, kind = make(case_dir, seed, index)
+        volume = load_dicom_folder(series_dir)
         if list(truth["sop_instance_uids"]) != volume.sop_instance_uids:
             raise RuntimeError(f"slice order of case {seed} differs from its ground truth")
         result = engine.analyze(volume)
-        scores.add(result, truth, case.label)
+        scores.add(result, truth, label)
         if baseline is not None:
-            baseline_scores.add(baseline.analyze(volume), truth, case.label)
-        rows.append({"seed": seed, "label": case.label, "thickness_mm": thickness,
-                     "slices": case.slices, "probability": result.probability,
+            baseline_scores.add(baseline.analyze(volume), truth, label)
+        quality = result.quality.as_dict() if getattr(result, "quality", None) else None
+        rows.append({"seed": seed, "label": label, "kind": kind,
+                     "slices": int(volume.hu.shape[0]),
+                     "slice_spacing_mm": round(volume.slice_spacing_mm, 3),
+                     "probability": result.probability,
+                     "assessable": quality["assessable"] if quality else True,
+                     "lesion_dsc": _dsc(result.lesion, truth["lesion"]) if label else None,
                      "seconds": result.seconds})
-        LOGGER.info("case %d (%s, %g mm, %d slices): p=%.3f in %.1f s", seed,
-                    "lesions" if case.label else "normal", thickness, case.slices,
-                    result.probability, result.seconds)
+        LOGGER.info("case %d (%s, %g mm, %d slices): p=%.3f in %.1f s", seed, kind,
+                    volume.slice_spacing_mm, volume.hu.shape[0], result.probability,
+                    result.seconds)
         if not keep_cases:
             shutil.rmtree(case_dir)
     parts = [
-        f"Held-out phantoms: {cases} cases, seeds {first_seed}..{first_seed + cases - 1}; "
-        f"model {engine.model_version}",
+        f"Held-out {held_out}: {cases} cases, seeds {first_seed}..{first_seed + cases - 1}; "
+        f"model {engine.model_version}; decision threshold {threshold:g}",
         segmentation_table(scores.lung, scores.lesion),
-        classification_table(scores.slice_level, scores.individual),
+        classification_table(scores.slice_level, scores.individual, threshold),
+        kind_table(rows, threshold),
     ]
     if baseline is not None:
         parts.append(delta_table(scores, baseline_scores))
@@ -203,3 +242,22 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
     save_roc_png(out_dir / "roc.png", {"slice": scores.slice_level,
                                        "individual": scores.individual})
     return report
+
+
+def _dsc(predicted: np.ndarray, truth: np.ndarray) -> float:
+    return round(2.0 * float((predicted & truth).sum())
+                 / max(1.0, float(predicted.sum() + truth.sum())), 4)
+
+
+def kind_table(rows: list[dict[str, Any]], threshold: float) -> str:
+    """Per kind of case: how many, and the share called positive at ``threshold``."""
+    kinds: dict[str, list[float]] = {}
+    for row in rows:
+        kinds.setdefault(row["kind"].split(":")[0], []).append(row["probability"])
+    lines = [f"Per kind (share called positive at {threshold:g})",
+             f"{'':12}{'n':>5}{'positive':>10}{'median p':>10}"]
+    for kind, probabilities in sorted(kinds.items()):
+        values = np.asarray(probabilities)
+        lines.append(f"{kind:12}{len(values):>5}{(values >= threshold).mean():>10.2%}"
+                     f"{np.median(values):>10.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Calibration of the patient-level probability and the shipped decision threshold.
+
+On validation cases (seeds the networks and the mapping never trained on, and never the
+held-out evaluation seeds) the raw SPM probability is recalibrated by Platt scaling
+(a logistic regression on its logit), and the decision threshold is the lowest one that
+keeps specificity at or above the target (0.95) on the validation negatives. Both are
+written into the model manifest, which the engine reads; the reliability diagram (PNG) and
+the expected calibration error before and after go next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def fit_platt(labels: np.ndarray, probabilities: np.ndarray, *, l2: float = 1e-3
+              ) -> dict[str, float]:
+    """``scale`` and ``shift`` of sigmoid(scale * logit(p) + shift), by Newton's method on
+    the (lightly L2-regularised) log-likelihood."""
+    x = _logit(np.asarray(probabilities, float))
+    y = np.asarray(labels, float)
+    w = np.array([1.0, 0.0])  # start at the identity
+    features = np.stack([x, np.ones_like(x)], axis=1)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(features @ w)))
+        gradient = features.T @ (p - y) + l2 * w
+        hessian = features.T @ (features * (p * (1 - p))[:, None]) + l2 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return {"scale": float(w[0]), "shift": float(w[1])}
+
+
+def apply_platt(probabilities: np.ndarray, calibration: dict[str, float]) -> np.ndarray:
+    z = calibration["scale"] * _logit(np.asarray(probabilities, float)) + calibration["shift"]
+    return 1 / (1 + np.exp(-z))
+
+
+def threshold_for_specificity(labels: np.ndarray, scores: np.ndarray,
+                              min_specificity: float = 0.95) -> float:
+    """The lowest threshold at which at least ``min_specificity`` of the negatives score
+    below it: halfway between the k-th lowest negative score and the next higher score."""
+    labels = np.asarray(labels, bool)
+    negatives = np.sort(np.asarray(scores, float)[~labels])
+    if not len(negatives):
+        raise ValueError("no negative cases to set a threshold on")
+    k = math.ceil(min_specificity * len(negatives))
+    below = negatives[k - 1]
+    higher = np.asarray(scores, float)[np.asarray(scores, float) > below]
+    above = float(higher.min()) if len(higher) else min(1.0, below + 1e-3)
+    return float((below + above) / 2)
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,
+                               bins: int = 10) -> float:
+    labels = np.asarray(labels, float)
+    probabilities = np.asarray(probabilities, float)
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        chosen = index == b
+        if chosen.any():
+            error += chosen.mean() * abs(labels[chosen].mean() - probabilities[chosen].mean())
+    return float(error)
+
+
+def reliability_png(path: Path, labels: np.ndarray, curves: dict[str, np.ndarray],
+                    bins: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = np.asarray(labels, float)
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    edges = np.linspace(0, 1, bins + 1)
+    for name, probabilities in curves.items():
+        index = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+        xs, ys = [], []
+        for b in range(bins):
+            chosen = index == b
+            if chosen.any():
+                xs.append(float(np.mean(probabilities[chosen])))
+                ys.append(float(labels[chosen].mean()))
+        ece = expected_calibration_error(labels, probabilities, bins)
+        axis.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    axis.set_xlabel("predicted probability")
+    axis.set_ylabel("observed frequency of COVID-19")
+    axis.set_title("Reliability, validation phantoms (not for diagnostic use)", fontsize=9)
+    axis.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def calibrate(models_dir: Path, profile: str, labels: np.ndarray, raw: np.ndarray,
+              out_dir: Path, min_specificity: float = 0.95) -> dict[str, Any]:
+    """Fit, pick the threshold, write the reliability PNG and update the manifest (a new
+    model version: calibration changes every reported probability)."""
+    from dcn_node.inference.weights import manifest_path, model_version_for
+
+    calibration = fit_platt(labels, raw)
+    calibrated = apply_platt(raw, calibration)
+    threshold = threshold_for_specificity(labels, calibrated, min_specificity)
+    y = np.asarray(labels, bool)
+    report = {
+        "cases": int(len(y)), "positives": int(y.sum()), "negatives": int((~y).sum()),
+        "ece_before": round(expected_calibration_error(y, raw), 4),
+        "ece_after": round(expected_calibration_error(y, calibrated), 4),
+        "specificity": round(float((calibrated[~y] < threshold).mean()), 4),
+        "sensitivity": round(float((calibrated[y] >= threshold).mean()), 4),
+        "min_specificity": min_specificity,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reliability_png(out_dir / "reliability.png", y, {"raw": np.asarray(raw, float),
+                                                    "calibrated": calibrated})
+    path = manifest_path(models_dir, profile)
+    manifest = json.loads(path.read_text())
+    manifest["calibration"] = {k: round(v, 6) for k, v in calibration.items()}
+    manifest["decision_threshold"] = round(threshold, 6)
+    manifest["calibration_report"] = report
+    extra = json.dumps([manifest["calibration"], manifest["decision_threshold"]])
+    manifest["model_version"] = model_version_for(profile, manifest["files"], extra)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    LOGGER.info("calibration %s, threshold %.4f: %s", calibration, threshold, report)
+    return {"calibration": calibration, "decision_threshold": threshold, **report,
+            "model_version": manifest["model_version"]}
