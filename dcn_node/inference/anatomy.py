@@ -50,6 +50,19 @@ def _largest(mask: np.ndarray) -> np.ndarray:
     return labels == int(sizes.argmax())
 
 
+def _large_parts(mask: np.ndarray, fraction: float) -> np.ndarray:
+    """The 2-D components of at least ``fraction`` of the largest one's area: a field of
+    view that cuts the body through a lung leaves the body in more than one piece."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= fraction * sizes.max()
+    keep[0] = False
+    return keep[labels]
+
+
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """The body per slice, holes filled (bool, same shape as ``hu``).
 
@@ -64,7 +77,7 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
         tissue = ndimage.binary_opening(tissue, _disk(2))
         if not tissue.any():
             continue
-        tissue = _largest(tissue)
+        tissue = _large_parts(tissue, 0.1)
         smooth = ndimage.uniform_filter(np.maximum(image, -1100.0).astype(np.float32), 5)
         closed = np.pad(smooth >= AIRWAY_HU, 1, mode="edge")
         closed[1:-1, 1:-1] = tissue
