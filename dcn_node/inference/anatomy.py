@@ -162,21 +162,39 @@ def _air_components(candidates: np.ndarray, hu: np.ndarray, voxel_ml: float,
 
 
 def _fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
-    """Per slice, fill holes smaller than ``max_area_px`` (vessels, nodules, dense lesions
-    inside the lung), not the mediastinum between two lungs that touch."""
-    out = mask.copy()
+    """Fill holes that lung surrounds in 3-D: per slice, holes smaller than ``max_area_px``
+    (dense lesions, nodules inside the lung), but only where the hole continues, on the
+    slices above and below, into lung or another such hole. The dome of the diaphragm, an
+    island of liver surrounded by lung on an axial slice, continues into the abdomen and
+    stays out; so does the mediastinum between two lungs that touch (too large)."""
+    holes = np.zeros(mask.shape, dtype=bool)
     for index, image in enumerate(mask):
         if not image.any():
             continue
-        holes = ndimage.binary_fill_holes(image) & ~image
-        if not holes.any():
+        filled = ndimage.binary_fill_holes(image) & ~image
+        if not filled.any():
             continue
-        labels, count = ndimage.label(holes, _STRUCT_2D)
+        labels, count = ndimage.label(filled, _STRUCT_2D)
         areas = np.bincount(labels.ravel(), minlength=count + 1)
         small = areas <= max_area_px
         small[0] = False
-        out[index] |= small[labels]
-    return out
+        holes[index] = small[labels]
+    if not holes.any():
+        return mask.copy()
+    labels, count = ndimage.label(holes, _STRUCT_3D)
+    enclosed = mask | holes
+    leaks = np.zeros(count + 1, dtype=bool)
+    # A hole voxel whose neighbour above or below is neither lung nor hole leaks out.
+    below = np.zeros(mask.shape, dtype=bool)
+    below[1:] = holes[1:] & ~enclosed[:-1]
+    above = np.zeros(mask.shape, dtype=bool)
+    above[:-1] = holes[:-1] & ~enclosed[1:]
+    leaks[np.unique(labels[below | above])] = True
+    # Holes in the first or last slice cannot be shown to be closed: left open.
+    leaks[np.unique(labels[[0, -1]])] = True
+    keep = ~leaks
+    keep[0] = False
+    return mask | keep[labels]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import highdicom as hd
@@ -150,17 +151,34 @@ def _slice_label(volume: Volume, index: int) -> str:
     return f"Slice {index + 1}/{len(volume.sop_instance_uids)} ({image}, {where})"
 
 
+@dataclass(frozen=True)
+class OverlayLayout:
+    """Where the CT image sits in an overlay: ``canvas[header:header + height, :width]``,
+    each CT pixel drawn as ``scale`` x ``scale`` pixels."""
+
+    scale: int
+    header: int
+    height: int
+    width: int
+
+
+def overlay_layout(volume: Volume, settings: ResultsSettings) -> OverlayLayout:
+    rows, columns = volume.hu.shape[1:]
+    scale = max(1, math.ceil(settings.sc.min_image_size / max(rows, columns)))
+    line = glyphs(pick_size(columns * scale)).height + 4
+    return OverlayLayout(scale, 4 * line + line // 2, rows * scale, columns * scale)
+
+
 def render_overlay(volume: Volume, result: AnalysisResult, index: int,
                    settings: ResultsSettings) -> np.ndarray:
     """The RGB uint8 overlay of slice ``index``: header text, image, colour bar, footer."""
     sc = settings.sc
-    rows, columns = volume.hu.shape[1:]
-    scale = max(1, math.ceil(sc.min_image_size / max(rows, columns)))
-    height, width = rows * scale, columns * scale
+    layout = overlay_layout(volume, settings)
+    scale, header, height, width = layout.scale, layout.header, layout.height, layout.width
     size = pick_size(width)
     line = glyphs(size).height + 4
     pad = line // 2
-    header, footer, panel = 4 * line + pad, line + pad, 6 * size
+    footer, panel = line + pad, 6 * size
     canvas = np.zeros((header + height + footer, width + panel, 3), np.uint8)
 
     # The CT in the lung window.
