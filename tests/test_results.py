@@ -27,7 +27,7 @@ from dcn_node.config import ResultsSettings, load_config
 from dcn_node.inference.engine import AnalysisResult
 from dcn_node.phantom import generate_phantom
 from dcn_node.results import ResultEncodingError, ResultSet, build_results
-from dcn_node.results.sc import OUTLINE_RGB, WARNING_RGB, key_slices
+from dcn_node.results.sc import OUTLINE_RGB, WARNING_RGB, heat_map, key_slices
 from dcn_node.results.seg import build_segmentation
 from dcn_node.volume import Volume, load_dicom_folder, load_series
 from tests.conftest import require_tool
@@ -54,7 +54,8 @@ def analysis_from_truth(volume: Volume, ground_truth: Path, *, probability: floa
         lung=lung, lesion=lesion,
         slice_probabilities=np.where(lesion.any(axis=(1, 2)), 0.9, 0.05).astype(np.float32),
         attention=attention, probability=probability, positive=probability >= 0.5,
-        model_version=model_version, seconds=1.0)
+        model_version=model_version, seconds=1.0,
+        lesion_probability=blurred.astype(np.float16))
 
 
 def phantom_case(folder: Path, seed: int = 4, *, slices: int = 24, thickness: float = 5.0,
@@ -338,7 +339,7 @@ def test_overlays_show_outline_heat_map_and_warning(tmp_path: Path) -> None:
     areas = result.lesion.sum(axis=(1, 2))
     shown = [ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in results.sc]
     assert volume.sop_instance_uids[int(np.argmax(areas))] in shown and len(shown) <= 4
-    attention = result.attention[2].reshape(len(areas), -1).max(axis=1)
+    attention = heat_map(result, ResultsSettings().sc).reshape(len(areas), -1).max(axis=1)
     lesion_slices = [volume.sop_instance_uids.index(uid) for uid in shown]
     lesion_slices.remove(int(np.argmax(attention)))  # the strongest attention: any distance
     positions = sorted(float(volume.slice_offsets[k]) for k in lesion_slices)
@@ -354,9 +355,12 @@ def test_overlays_show_outline_heat_map_and_warning(tmp_path: Path) -> None:
         assert WARNING_RGB in {tuple(c) for c in pixels.reshape(-1, 3)}
         assert OUTLINE_RGB in colours or OUTLINE_RGB in {tuple(c)
                                                         for c in pixels.reshape(-1, 3)}
-    # The heat map follows the configured module: another module changes the picture.
-    other = build_results(volume, result, ResultsSettings(sc={"attention_module": 2}))
-    assert not np.array_equal(other.sc[0].pixel_array, results.sc[0].pixel_array)
+    # The heat map follows the configuration: the attention of a module, another module.
+    third = build_results(volume, result, ResultsSettings(sc={"heatmap": "attention"}))
+    second = build_results(volume, result, ResultsSettings(
+        sc={"heatmap": "attention", "attention_module": 2}))
+    assert not np.array_equal(third.sc[0].pixel_array, results.sc[0].pixel_array)
+    assert not np.array_equal(second.sc[0].pixel_array, third.sc[0].pixel_array)
 
 
 def test_key_slices_reserve_a_place_for_the_strongest_attention() -> None:
@@ -368,7 +372,7 @@ def test_key_slices_reserve_a_place_for_the_strongest_attention() -> None:
     result = AnalysisResult(lung=np.ones_like(lesion), lesion=lesion,
                             slice_probabilities=np.zeros(10), attention=attention,
                             probability=0.7, positive=True, model_version="m", seconds=0.0)
-    settings = ResultsSettings().sc
+    settings = ResultsSettings(sc={"heatmap": "attention"}).sc
     offsets = np.arange(10) * 10.0  # 10 mm slices
     assert key_slices(result, settings, offsets) == [5, 2, 7, 9]
     assert key_slices(result, settings.model_copy(update={"max_images": 2}), offsets) == [5, 9]
