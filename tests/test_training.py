@@ -117,15 +117,20 @@ def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
         after = torch.load(tuned / f"lite-{name}.pt", weights_only=True)
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before)
-    # More mapping epochs on the same networks and cases: their slice probabilities are
-    # read back, not computed again.
+    # With no mapping epochs, no slice probabilities were computed for it.
+    assert "spm: slice probabilities" not in (tuned / "train-lite.log").read_text()
+    # Mapping epochs on the same networks and cases: their slice probabilities are computed
+    # once, then read back for more epochs, not computed again.
     fourth = _train(tuned, cache, "--manifest", str(manifest), "--init-from", str(out),
                     "--lung-epochs", "0", "--dcn-epochs", "0", "--spm-epochs", "2")
     assert fourth.returncode == 0, fourth.stderr
+    fifth = _train(tuned, cache, "--manifest", str(manifest), "--init-from", str(out),
+                   "--lung-epochs", "0", "--dcn-epochs", "0", "--spm-epochs", "3")
+    assert fifth.returncode == 0, fifth.stderr
     tuned_log = (tuned / "train-lite.log").read_text()
     assert "spm: slice probabilities of 2 cases from" in tuned_log
     assert tuned_log.count("spm: slice probabilities of 2/2 training cases") == 1
-    assert "spm epoch 2/2" in tuned_log
+    assert "spm epoch 2/2" in tuned_log and "spm epoch 3/3" in tuned_log
 
 
 def test_nifti_and_nrrd_are_read_in_the_dicom_orientation(tmp_path: Path) -> None:
