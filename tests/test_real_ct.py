@@ -1,0 +1,66 @@
+"""The shipped model on real chest CTs it never trained on (none is COVID-19).
+
+The scans are fetched into a SHA-256-checked cache (docs/real-ct.md). Held out from
+training: nsclc-3, nsclc-4 (cropped around a lung cancer) and chest-a0001 (a whole chest,
+adenocarcinoma). ``bench/real_ct.py`` prints the same figures for every fetched scan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcn_node.inference.engine import Engine
+from dcn_node.training.findings import Geometry, insert_covid_lesions
+from dcn_node.training.real_ct import real_cases
+from dcn_node.volume import Volume, load_dicom_folder
+from tests.lung_reference import dsc, reference_lung_mask
+
+HELD_OUT = ("nsclc-3", "nsclc-4", "chest-a0001")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(device="cpu")
+
+
+@pytest.mark.parametrize("name", HELD_OUT)
+def test_real_ct_lungs_and_no_covid(real_ct: Path, engine: Engine, name: str) -> None:
+    (case,) = real_cases(real_ct, names=(name,))
+    assert case.split == "heldout"
+    volume = load_dicom_folder(case.series_dir)
+    result = engine.analyze(volume)
+    reference = reference_lung_mask(volume.hu, float(volume.pixel_spacing[1]))
+    assert dsc(result.lung, reference) >= 0.95
+    assert not (result.lesion & ~result.lung).any()
+    if case.cropped:  # the field of view cuts the lungs: not assessable, not positive
+        assert not result.assessable
+        assert result.quality.reason.value == "lungs_cut_by_field_of_view"
+        assert not result.positive
+    else:
+        assert result.assessable
+        assert result.probability < result.threshold, "a lung cancer called COVID-19"
+
+
+def test_real_ct_with_inserted_lesions(real_ct: Path, engine: Engine) -> None:
+    (case,) = real_cases(real_ct, names=("chest-a0001",))
+    volume = load_dicom_folder(case.series_dir)
+    reference = reference_lung_mask(volume.hu, float(volume.pixel_spacing[1]))
+    hu = volume.hu.astype(np.float32).copy()
+    rng = np.random.default_rng([31337, 1])  # not a training seed (those are 4242+)
+    inserted = insert_covid_lesions(
+        rng, hu, reference, Geometry(float(volume.pixel_spacing[1]), volume.slice_spacing_mm),
+        involvement=0.08)
+    with_lesions = Volume(hu=hu, sop_instance_uids=volume.sop_instance_uids,
+                          frame_numbers=volume.frame_numbers,
+                          pixel_spacing=volume.pixel_spacing,
+                          slice_offsets=volume.slice_offsets,
+                          study_instance_uid=volume.study_instance_uid,
+                          series_instance_uid=volume.series_instance_uid,
+                          source_datasets=volume.source_datasets)
+    result = engine.analyze(with_lesions)
+    assert result.assessable
+    assert dsc(result.lesion, inserted) >= 0.70
+    assert result.probability >= result.threshold
