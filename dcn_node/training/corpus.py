@@ -16,8 +16,9 @@ held-out figures; real patients by :attr:`RealCase.split`.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,17 +136,22 @@ def real_variants(case: object, variants: int, seed: int) -> Iterator[CaseVolume
                              slice_spacing, "real-other", tuple(findings))
 
 
-def cache_cases(volumes: Iterator[CaseVolume], cache_dir: Path, size: int) -> list[Path]:
-    """Cache each case at the network size (``<name>-c<version>-<size>.npz``)."""
+def cache_cases(cases: Iterable[tuple[str, Callable[[], CaseVolume]]], cache_dir: Path,
+                size: int) -> list[Path]:
+    """Cache each case at the network size as ``<name>-c<version>-<size>.npz``; ``cases``
+    are (name, factory) pairs and a factory runs only for a case not cached yet."""
     from dcn_node.training.cases import make_case
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for volume in volumes:
-        path = cache_dir / f"{volume.name}-c{CORPUS_VERSION}-{size}.npz"
+    for name, factory in cases:
+        path = cache_dir / f"{name}-c{CORPUS_VERSION}-{size}.npz"
         if not path.exists():
+            volume = factory()
+            partial = path.with_name(path.stem + ".partial.npz")
             make_case(path.stem, volume.hu, volume.lung, volume.lesion, volume.label, size,
-                      pixel_spacing_mm=volume.pixel_spacing_mm).save(path)
+                      pixel_spacing_mm=volume.pixel_spacing_mm).save(partial)
+            partial.replace(path)  # a killed run never leaves half a case behind
             LOGGER.info("case %s: %d slices, label %d, %s", volume.name, len(volume.hu),
                         volume.label, ", ".join(volume.findings) or "-")
         paths.append(path)
@@ -159,26 +165,32 @@ def training_corpus(cache_dir: Path, size: int, phantoms: int, real_cache: Path 
     :data:`TRAIN_SEED_BASE`) and the real CTs of the training split, with variants. Cases
     already cached are not made again."""
     first = TRAIN_SEED_BASE if seed_base is None else seed_base
+    cases: list[tuple[str, Callable[[], CaseVolume]]] = [
+        (f"phantom-{seed}-{kind}", functools.partial(phantom_case, seed, kind, thickness))
+        for seed, kind, thickness in phantom_seeds(first, phantoms)]
+    if real_cache is not None:
+        from dcn_node.training.real_ct import real_cases
 
-    def volumes() -> Iterator[CaseVolume]:
-        for seed, kind, thickness in phantom_seeds(first, phantoms):
-            name = f"phantom-{seed}-{kind}-c{CORPUS_VERSION}-{size}.npz"
-            if (cache_dir / name).exists():
-                yield _Cached(f"phantom-{seed}-{kind}")  # type: ignore[misc]
-                continue
-            yield phantom_case(seed, kind, thickness)
-        if real_cache is not None:
-            from dcn_node.training.real_ct import real_cases
-
-            for index, case in enumerate(real_cases(real_cache)):
-                if case.split == "train" and case.region == "chest":
-                    yield from real_variants(case, real_variants_per_case, 4242 + index)
-
-    return cache_cases(volumes(), cache_dir, size)
+        for index, case in enumerate(real_cases(real_cache)):
+            if case.split == "train" and case.region == "chest":
+                for variant in real_variant_names(case.name, real_variants_per_case):
+                    cases.append((variant, functools.partial(
+                        _real_variant, case, real_variants_per_case, 4242 + index, variant)))
+    return cache_cases(cases, cache_dir, size)
 
 
-@dataclass
-class _Cached:
-    """A case already in the cache (only its name is needed)."""
+def real_variant_names(name: str, variants: int) -> list[str]:
+    """The names :func:`real_variants` gives its cases, in its order."""
+    names = [f"real-{name}"]
+    for variant in range(variants):
+        names.append(f"real-{name}-covid{variant}")
+        if variant % 2 == 0:
+            names.append(f"real-{name}-other{variant}")
+    return names
 
-    name: str
+
+def _real_variant(case: object, variants: int, seed: int, name: str) -> CaseVolume:
+    for volume in real_variants(case, variants, seed):
+        if volume.name == name:
+            return volume
+    raise KeyError(name)
