@@ -41,15 +41,6 @@ def _disk(radius_px: int) -> np.ndarray:
     return (x * x + y * y) <= r * r
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
 def _large_parts(mask: np.ndarray, fraction: float) -> np.ndarray:
     """The 2-D components of at least ``fraction`` of the largest one's area: a field of
     view that cuts the body through a lung leaves the body in more than one piece."""

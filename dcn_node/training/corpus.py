@@ -99,11 +99,15 @@ def phantom_case(seed: int, kind: str, thickness_mm: float) -> CaseVolume:
                       volume.pixel_spacing_mm, volume.slice_thickness_mm, kind, tuple(findings))
 
 
+def phantom_seed(base: int, index: int) -> tuple[int, str, float]:
+    """(seed, kind, thickness) of the ``index``-th phantom from seed ``base`` on."""
+    return (base + index, KIND_CYCLE[index % len(KIND_CYCLE)],
+            THICKNESS_CYCLE[(index // len(KIND_CYCLE)) % len(THICKNESS_CYCLE)])
+
+
 def phantom_seeds(base: int, count: int) -> Iterator[tuple[int, str, float]]:
     """(seed, kind, thickness) of ``count`` phantoms from seed ``base`` on."""
-    for index in range(count):
-        yield (base + index, KIND_CYCLE[index % len(KIND_CYCLE)],
-               THICKNESS_CYCLE[(index // len(KIND_CYCLE)) % len(THICKNESS_CYCLE)])
+    return (phantom_seed(base, index) for index in range(count))
 
 
 def real_variants(case: object, variants: int, seed: int) -> Iterator[CaseVolume]:
@@ -171,11 +175,16 @@ def training_corpus(cache_dir: Path, size: int, phantoms: int, real_cache: Path 
     if real_cache is not None:
         from dcn_node.training.real_ct import real_cases
 
+        @functools.lru_cache(maxsize=1)  # one scan's variants at a time, each made once
+        def variants_of(index: int, case: object) -> dict[str, CaseVolume]:
+            return {v.name: v for v in real_variants(case, real_variants_per_case,
+                                                     4242 + index)}
+
         for index, case in enumerate(real_cases(real_cache)):
             if case.split == "train" and case.region == "chest":
                 for variant in real_variant_names(case.name, real_variants_per_case):
-                    cases.append((variant, functools.partial(
-                        _real_variant, case, real_variants_per_case, 4242 + index, variant)))
+                    cases.append((variant, lambda i=index, c=case, n=variant:
+                                  variants_of(i, c)[n]))
     return cache_cases(cases, cache_dir, size)
 
 
@@ -188,9 +197,3 @@ def real_variant_names(name: str, variants: int) -> list[str]:
             names.append(f"real-{name}-other{variant}")
     return names
 
-
-def _real_variant(case: object, variants: int, seed: int, name: str) -> CaseVolume:
-    for volume in real_variants(case, variants, seed):
-        if volume.name == name:
-            return volume
-    raise KeyError(name)

@@ -173,9 +173,9 @@ def _generator_v2_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dic
 def _corpus_v3_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, int, str]:
     """Phantoms with COVID-19, normal, or with other disease (corpus v3 kinds)."""
     from dcn_node.phantom import PhantomVolume, write_series
-    from dcn_node.training.corpus import phantom_case, phantom_seeds
+    from dcn_node.training.corpus import phantom_case, phantom_seed
 
-    _, kind, thickness = list(phantom_seeds(seed - index, index + 1))[-1]
+    _, kind, thickness = phantom_seed(seed - index, index)
     volume = phantom_case(seed, kind, thickness)
     hu = np.clip(np.rint(volume.hu), -1024, 3071).astype(np.int16)
     phantom = PhantomVolume(hu, volume.lung, volume.lesion, volume.pixel_spacing_mm,
