@@ -3,10 +3,10 @@
 * :func:`body_mask`: the patient inside the body outline (table and outside air excluded).
 * :func:`airway_mask`: trachea and main bronchi, tracked slice by slice from the top down
   while they stay small, dark and separate from the lungs.
-* :func:`classical_lung_mask`: the paper's way of drawing lung ground truth (section 3.1.3):
-  air below -320 HU inside the body, not connected to the outside air, large 3-D parts only,
-  airways removed, holes filled. The quality gate and the tests use it as a reference that
-  does not depend on the model.
+* :func:`classical_anatomy`: body, airways and the classical lung mask, the paper's way of
+  drawing lung ground truth (section 3.1.3): air below -320 HU inside the body, not connected
+  to the outside air, large 3-D parts only, airways removed, holes filled. The quality gate
+  uses it as a reference that does not depend on the model.
 * :func:`constrain_lung`: the model's lung mask kept to what anatomy allows: inside the body
   (a margin from its outline), near the large air-filled parts, airways out, small holes
   filled, small or soft-tissue components dropped. Lesions are then kept to this mask.
@@ -27,6 +27,11 @@ AIR_HU = -320.0
 BODY_HU = -500.0
 #: Trachea and bronchi hold air darker than any parenchyma (HU).
 AIRWAY_HU = -950.0
+#: Lung parts smaller than this (ml) or than this share of the largest part are dropped.
+MIN_PART_ML = 5.0
+MIN_PART_FRACTION = 0.05
+#: Holes up to this area (cm^2 per slice) inside the lung are filled when lung encloses them.
+MAX_HOLE_CM2 = 30.0
 #: Air-filled parts whose mean is below this are gas (bowel, stomach, trachea), not lung:
 #: lung parenchyma, even emphysematous, has vessels and septa that lift its mean.
 GAS_MEAN_HU = -960.0
@@ -133,31 +138,39 @@ def _walled(part: np.ndarray, image: np.ndarray) -> bool:
     return bool((image[ring] > BODY_HU).mean() >= 0.5) if ring.any() else False
 
 
-def _air_components(candidates: np.ndarray, hu: np.ndarray, voxel_ml: float,
-                    min_ml: float, min_fraction: float) -> np.ndarray:
-    """The large 3-D air-filled parts of ``candidates`` that are not gas."""
-    labels, count = ndimage.label(candidates, _STRUCT_3D)
+def _keep_components(mask: np.ndarray, voxel_ml: float, values: np.ndarray,
+                     min_mean: float) -> np.ndarray:
+    """The 3-D components of ``mask`` of at least 5 ml and 5 % of the largest whose mean of
+    ``values`` is at least ``min_mean``."""
+    labels, count = ndimage.label(mask, _STRUCT_3D)
     if count == 0:
-        return np.zeros(candidates.shape, dtype=bool)
+        return np.zeros(mask.shape, dtype=bool)
     sizes = np.bincount(labels.ravel(), minlength=count + 1).astype(float)
+    sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=count + 1)
     sizes[0] = 0
-    keep = np.zeros(count + 1, dtype=bool)
-    largest = sizes.max()
-    sums = np.bincount(labels.ravel(), weights=np.maximum(hu, -1024.0).ravel(),
-                       minlength=count + 1)
-    for label in range(1, count + 1):
-        big = sizes[label] * voxel_ml >= min_ml and sizes[label] >= min_fraction * largest
-        if big and sums[label] / sizes[label] > GAS_MEAN_HU:
-            keep[label] = True
+    keep = (sizes * voxel_ml >= MIN_PART_ML) & (sizes >= MIN_PART_FRACTION * sizes.max()) \
+        & (sums >= min_mean * np.maximum(sizes, 1))
+    keep[0] = False
     return keep[labels]
 
 
-def _fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
-    """Fill holes that lung surrounds in 3-D: per slice, holes smaller than ``max_area_px``
+def _inside_body(body: np.ndarray, margin_mm: float, pixel_spacing_mm: float) -> np.ndarray:
+    """The body shrunk by ``margin_mm`` per slice (the image edge does not shrink it)."""
+    margin = _disk(max(1, round(margin_mm / pixel_spacing_mm)))
+    inside = np.zeros(body.shape, dtype=bool)
+    for index, image in enumerate(body):
+        if image.any():
+            inside[index] = ndimage.binary_erosion(image, margin, border_value=1)
+    return inside
+
+
+def _fill_small_holes(mask: np.ndarray, pixel_spacing_mm: float) -> np.ndarray:
+    """Fill holes that lung surrounds in 3-D: per slice, holes up to :data:`MAX_HOLE_CM2`
     (dense lesions, nodules inside the lung), but only where the hole continues, on the
     slices above and below, into lung or another such hole. The dome of the diaphragm, an
     island of liver surrounded by lung on an axial slice, continues into the abdomen and
     stays out; so does the mediastinum between two lungs that touch (too large)."""
+    max_area_px = MAX_HOLE_CM2 / (pixel_spacing_mm / 10.0) ** 2
     holes = np.zeros(mask.shape, dtype=bool)
     for index, image in enumerate(mask):
         if not image.any():
@@ -204,21 +217,9 @@ def classical_anatomy(hu: np.ndarray, pixel_spacing_mm: float, slice_spacing_mm:
     body = body_mask(hu)
     airway = airway_mask(hu, body, pixel_spacing_mm)
     voxel_ml = pixel_spacing_mm ** 2 * slice_spacing_mm / 1000.0
-    inside = np.zeros(hu.shape, dtype=bool)
-    margin = _disk(max(1, round(2.0 / pixel_spacing_mm)))
-    for index, image in enumerate(body):
-        if image.any():
-            inside[index] = ndimage.binary_erosion(image, margin, border_value=1)
-    candidates = (hu < AIR_HU) & inside & ~airway
-    lung = _air_components(candidates, hu, voxel_ml, min_ml=5.0, min_fraction=0.05)
-    lung = _fill_small_holes(lung, 30.0 / (pixel_spacing_mm / 10.0) ** 2)
-    return Anatomy(body, airway, lung)
-
-
-def classical_lung_mask(hu: np.ndarray, pixel_spacing_mm: float, slice_spacing_mm: float
-                        ) -> np.ndarray:
-    """The classical lung mask (see the module docstring)."""
-    return classical_anatomy(hu, pixel_spacing_mm, slice_spacing_mm).lung
+    candidates = (hu < AIR_HU) & _inside_body(body, 2.0, pixel_spacing_mm) & ~airway
+    lung = _keep_components(candidates, voxel_ml, np.maximum(hu, -1024.0), GAS_MEAN_HU)
+    return Anatomy(body, airway, _fill_small_holes(lung, pixel_spacing_mm))
 
 
 def constrain_lung(predicted: np.ndarray, hu: np.ndarray, anatomy: Anatomy,
@@ -230,26 +231,15 @@ def constrain_lung(predicted: np.ndarray, hu: np.ndarray, anatomy: Anatomy,
     not airway, and within ``reach_mm`` of the classical (air-filled) lung of its slice: dense
     lesions at the lung's edge are kept, soft tissue of the shoulders or the abdomen is not.
     Then 3-D components smaller than 5 ml or 5 % of the largest, or mostly not air, go, and
-    holes up to 30 cm^2 per slice are filled.
+    holes that lung encloses are filled.
     """
-    px_cm2 = (pixel_spacing_mm / 10.0) ** 2
     voxel_ml = pixel_spacing_mm ** 2 * slice_spacing_mm / 1000.0
     reach_px = reach_mm / pixel_spacing_mm
-    margin = _disk(max(1, round(body_margin_mm / pixel_spacing_mm)))
-    allowed = np.zeros(hu.shape, dtype=bool)
+    near = np.zeros(hu.shape, dtype=bool)
     for index in range(hu.shape[0]):
-        if not predicted[index].any() or not anatomy.lung[index].any():
-            continue
-        near = ndimage.distance_transform_edt(~anatomy.lung[index]) <= reach_px
-        allowed[index] = near & ndimage.binary_erosion(anatomy.body[index], margin, border_value=1)
-    lung = predicted & allowed & ~anatomy.airway
-    labels, count = ndimage.label(lung, _STRUCT_3D)
-    if count:
-        sizes = np.bincount(labels.ravel(), minlength=count + 1).astype(float)
-        air = np.bincount(labels.ravel(), weights=(hu < AIR_HU).ravel(), minlength=count + 1)
-        sizes[0] = 0
-        keep = (sizes * voxel_ml >= 5.0) & (sizes >= 0.05 * sizes.max()) \
-            & (air >= 0.5 * np.maximum(sizes, 1))
-        keep[0] = False
-        lung = keep[labels]
-    return _fill_small_holes(lung, 30.0 / px_cm2) & ~anatomy.airway
+        if predicted[index].any() and anatomy.lung[index].any():
+            near[index] = ndimage.distance_transform_edt(~anatomy.lung[index]) <= reach_px
+    allowed = near & _inside_body(anatomy.body, body_margin_mm, pixel_spacing_mm)
+    lung = _keep_components(predicted & allowed & ~anatomy.airway, voxel_ml,
+                            (hu < AIR_HU).astype(np.float32), 0.5)
+    return _fill_small_holes(lung, pixel_spacing_mm) & ~anatomy.airway

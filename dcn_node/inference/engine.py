@@ -193,14 +193,17 @@ def run_lung_then_dcn(
                          lung_seconds, time.perf_counter() - started)
 
 
-def calibrated(probability: float, calibration: dict[str, float] | None) -> float:
-    """Platt scaling of the SPM's probability: sigmoid(scale * logit(p) + shift), fitted on
-    validation cases (``calibration`` of the manifest; None: unchanged)."""
+def calibrated(probability: float | np.ndarray, calibration: dict[str, float] | None
+               ) -> float | np.ndarray:
+    """Platt scaling of the SPM's probability (a number or an array): sigmoid(scale *
+    logit(p) + shift), fitted on validation cases (``calibration`` of the manifest, made by
+    :mod:`dcn_node.training.calibration`; None: unchanged)."""
     if not calibration:
         return probability
-    p = min(max(probability, 1e-7), 1 - 1e-7)
-    logit = np.log(p / (1 - p))
-    return float(1.0 / (1.0 + np.exp(-(calibration["scale"] * logit + calibration["shift"]))))
+    p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1 - 1e-7)
+    z = calibration["scale"] * np.log(p / (1 - p)) + calibration["shift"]
+    out = 1.0 / (1.0 + np.exp(-z))
+    return float(out) if out.ndim == 0 else out
 
 
 class Engine:
@@ -317,7 +320,8 @@ class Engine:
         mark = time.perf_counter()
         kept = slice_prob[keep] if len(keep) else torch.zeros(1)
         logit = self.spm(kept.to(self.device))
-        probability = calibrated(float(torch.sigmoid(logit.float()).item()), self.calibration)
+        probability = float(calibrated(float(torch.sigmoid(logit.float()).item()),
+                                       self.calibration))
         timings["spm"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -328,7 +332,7 @@ class Engine:
             lung=lung,
             lesion=lesion,
             slice_probabilities=slice_prob.numpy(),
-            attention=[a.numpy() for a in grid.attention_to_volume(attention)],
+            attention=[grid.crop_to_field_of_view(a).numpy() for a in attention],
             probability=probability,
             positive=positive,
             model_version=self.model_version,
@@ -336,6 +340,6 @@ class Engine:
             timings=timings,
             threshold=self.decision_threshold,
             quality=quality,
-            lesion_probability=grid.attention_to_volume([lesion_prob])[0].numpy().astype(
+            lesion_probability=grid.crop_to_field_of_view(lesion_prob).numpy().astype(
                 np.float16),
         )

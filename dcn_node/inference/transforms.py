@@ -21,21 +21,24 @@ def window(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     return np.clip((hu.astype(np.float32) - WINDOW_LOW_HU) / scale, 0.0, 1.0)
 
 
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, H, W) or (N, C, H, W) images to (.., size, size), area-averaged when shrinking."""
+def resize_images(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) or (N, C, H, W) images to (.., size, size) or (.., rows, columns),
+    area-averaged when shrinking (judged by the columns)."""
+    shape = (size, size) if isinstance(size, int) else tuple(size)
     four_d = images if images.dim() == 4 else images[:, None]
-    if four_d.shape[-2:] == (size, size):
+    if tuple(four_d.shape[-2:]) == shape:
         return images
-    shrinking = four_d.shape[-1] > size
+    shrinking = four_d.shape[-1] > shape[1]
     out = F.interpolate(
-        four_d.float(), size=(size, size), mode="area" if shrinking else "bilinear",
+        four_d.float(), size=shape, mode="area" if shrinking else "bilinear",
         **({} if shrinking else {"align_corners": False}),
     )
     return out if images.dim() == 4 else out[:, 0]
 
 
-def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """Boolean (N, H, W) masks to (N, size, size): a pixel is in when half its area is."""
+def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Boolean (N, H, W) masks resized as :func:`resize_images`: a pixel is in when half
+    its area is."""
     return resize_images(masks.float(), size) >= 0.5
 
 
@@ -73,36 +76,30 @@ class NetworkGrid:
         top, left = (side - rows) // 2, (side - columns) // 2
         return slice(top, top + rows), slice(left, left + columns)
 
-    def attention_to_volume(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """(N, h, h) maps cropped to the part that covers the volume's field of view."""
-        out = []
-        for alpha in maps:
-            rows, columns = self._window(alpha.shape[-1])
-            out.append(alpha[:, rows, columns].contiguous())
-        return out
+    def crop_to_field_of_view(self, maps: torch.Tensor) -> torch.Tensor:
+        """(N, h, h) network-grid maps (any h) cropped to the part covering the volume."""
+        rows, columns = self._window(maps.shape[-1])
+        return maps[:, rows, columns].contiguous()
 
 
-def _inner_shape(shape: tuple[int, int], pixel_spacing_mm: float, size: int
+def _inner_shape(shape: tuple[int, int], pixel_spacing_mm: float | None, size: int
                  ) -> tuple[int, int]:
+    if pixel_spacing_mm is None:
+        return (size, size)
     return tuple(  # type: ignore[return-value]
         max(1, round(size * min(1.0, n * pixel_spacing_mm / MIN_FIELD_OF_VIEW_MM)))
         for n in shape)
 
 
-def to_network_grid(slices: torch.Tensor, pixel_spacing_mm: float, size: int, *,
+def to_network_grid(slices: torch.Tensor, pixel_spacing_mm: float | None, size: int, *,
                     masks: bool = False) -> NetworkGrid:
-    """(N, rows, columns) windowed slices (or boolean masks) onto the network grid."""
+    """(N, rows, columns) windowed slices (or boolean masks) onto the network grid; without
+    a pixel spacing, a plain resize to (size, size)."""
     shape = (int(slices.shape[-2]), int(slices.shape[-1]))
     inner = _inner_shape(shape, pixel_spacing_mm, size)
+    scaled = resize_masks(slices, inner) if masks else resize_images(slices, inner)
     if inner == (size, size):
-        images = resize_masks(slices, size) if masks else resize_images(slices, size)
-        return NetworkGrid(images, shape, inner, size)
-    four_d = slices[:, None].float()
-    shrinking = inner[0] < shape[0] or inner[1] < shape[1]
-    scaled = F.interpolate(four_d, size=inner, mode="area" if shrinking else "bilinear",
-                           **({} if shrinking else {"align_corners": False}))[:, 0]
-    if masks:
-        scaled = scaled >= 0.5
+        return NetworkGrid(scaled, shape, inner, size)
     images = torch.zeros((slices.shape[0], size, size), dtype=scaled.dtype)
     grid = NetworkGrid(images, shape, inner, size)
     rows, columns = grid._window(size)

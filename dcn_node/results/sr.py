@@ -146,26 +146,23 @@ def build_report(volume: Volume, result: AnalysisResult, settings: ResultsSettin
     lung_site = [hd.sr.FindingSite(common.LUNG)]
     if result.assessable:
         present = values["probability"] >= common.decision_threshold(settings, result)
-        assessment = _group(
-            volume, settings, result, None, None, "COVID-19 assessment", "assessment",
-            finding_type=common.COVID19, finding_sites=lung_site,
-            measurements=[hd.sr.Measurement(name=common.PROBABILITY,
-                                            value=values["probability"],
-                                            unit=common.UNIT_ONE)],
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                name=common.COVID19, value=common.PRESENT if present else common.ABSENT)],
-        )
+        probability = [hd.sr.Measurement(name=common.PROBABILITY, value=values["probability"],
+                                         unit=common.UNIT_ONE)]
+        evaluations = [hd.sr.QualitativeEvaluation(
+            name=common.COVID19, value=common.PRESENT if present else common.ABSENT)]
     else:  # the quality gate: no probability, the finding undetermined, and why
         reason = result.quality.reason.value  # type: ignore[union-attr]
-        assessment = _group(
-            volume, settings, result, None, None, "COVID-19 assessment", "assessment",
-            finding_type=common.COVID19, finding_sites=lung_site,
-            qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(name=common.COVID19, value=common.UNDETERMINED),
-                hd.sr.QualitativeEvaluation(name=common.NOT_ASSESSABLE_REASON,
-                                            value=common.NOT_ASSESSABLE_REASONS[reason]),
-            ],
-        )
+        probability = []
+        evaluations = [
+            hd.sr.QualitativeEvaluation(name=common.COVID19, value=common.UNDETERMINED),
+            hd.sr.QualitativeEvaluation(name=common.NOT_ASSESSABLE_REASON,
+                                        value=common.NOT_ASSESSABLE_REASONS[reason]),
+        ]
+    assessment = _group(
+        volume, settings, result, None, None, "COVID-19 assessment", "assessment",
+        finding_type=common.COVID19, finding_sites=lung_site,
+        measurements=probability or None, qualitative_evaluations=evaluations,
+    )
     lesions = _group(
         volume, settings, result, seg, LESION_SEGMENT, "COVID-19 lesions", "lesion",
         finding_type=common.LESION, finding_category=common.MORPHOLOGICALLY_ABNORMAL,

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from dcn_node.inference.engine import calibrated as calibrated_by
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -43,11 +45,6 @@ def fit_platt(labels: np.ndarray, probabilities: np.ndarray, *, l2: float = 1e-3
         if np.abs(step).max() < 1e-9:
             break
     return {"scale": float(w[0]), "shift": float(w[1])}
-
-
-def apply_platt(probabilities: np.ndarray, calibration: dict[str, float]) -> np.ndarray:
-    z = calibration["scale"] * _logit(np.asarray(probabilities, float)) + calibration["shift"]
-    return 1 / (1 + np.exp(-z))
 
 
 def threshold_for_specificity(labels: np.ndarray, scores: np.ndarray,
@@ -81,13 +78,10 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,
 
 def reliability_png(path: Path, labels: np.ndarray, curves: dict[str, np.ndarray],
                     bins: int = 10) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dcn_node.training.evaluation import save_curves_png
 
     labels = np.asarray(labels, float)
-    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    lines = []
     edges = np.linspace(0, 1, bins + 1)
     for name, probabilities in curves.items():
         index = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
@@ -98,15 +92,10 @@ def reliability_png(path: Path, labels: np.ndarray, curves: dict[str, np.ndarray
                 xs.append(float(np.mean(probabilities[chosen])))
                 ys.append(float(labels[chosen].mean()))
         ece = expected_calibration_error(labels, probabilities, bins)
-        axis.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})")
-    axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    axis.set_xlabel("predicted probability")
-    axis.set_ylabel("observed frequency of COVID-19")
-    axis.set_title("Reliability, validation phantoms (not for diagnostic use)", fontsize=9)
-    axis.legend(loc="upper left")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+        lines.append((f"{name} (ECE {ece:.3f})", xs, ys, "o"))
+    save_curves_png(path, lines, title="Reliability, validation phantoms (not for diagnostic "
+                    "use)", xlabel="predicted probability",
+                    ylabel="observed frequency of COVID-19", legend="upper left")
 
 
 def calibrate(models_dir: Path, profile: str, labels: np.ndarray, raw: np.ndarray,
@@ -116,7 +105,7 @@ def calibrate(models_dir: Path, profile: str, labels: np.ndarray, raw: np.ndarra
     from dcn_node.inference.weights import manifest_path, model_version_for
 
     calibration = fit_platt(labels, raw)
-    calibrated = apply_platt(raw, calibration)
+    calibrated = np.asarray(calibrated_by(np.asarray(raw, float), calibration))
     threshold = threshold_for_specificity(labels, calibrated, min_specificity)
     y = np.asarray(labels, bool)
     report = {

@@ -63,8 +63,7 @@ def make_case(
     """Window a HU volume (slices, rows, columns) and bring it and its masks onto the
     network grid (:func:`~dcn_node.inference.transforms.to_network_grid`; without a pixel
     spacing, a plain resize to ``size``)."""
-    spacing = pixel_spacing_mm if pixel_spacing_mm is not None else 1e6  # 1e6: no padding
-    image = to_network_grid(torch.from_numpy(window(hu)), spacing, size).images
+    image = to_network_grid(torch.from_numpy(window(hu)), pixel_spacing_mm, size).images
     image = image.numpy().astype(np.float16)
 
     def _mask(mask: np.ndarray | None) -> np.ndarray | None:
@@ -72,7 +71,7 @@ def make_case(
             return None
         if mask.shape != hu.shape:
             raise DcnNodeError(f"{name}: mask shape {mask.shape} differs from image {hu.shape}")
-        return to_network_grid(torch.from_numpy(mask.astype(bool)), spacing, size,
+        return to_network_grid(torch.from_numpy(mask.astype(bool)), pixel_spacing_mm, size,
                                masks=True).images.numpy()
 
     return Case(name, image, _mask(lung), _mask(lesion), int(label))
@@ -130,10 +129,6 @@ def read_volume(path: Path) -> tuple[np.ndarray, float, float]:
         float(spacing_z)
 
 
-def _read_array(path: Path) -> np.ndarray:
-    return read_volume(path)[0]
-
-
 def manifest_cases(manifest: Path, cache_dir: Path, size: int) -> list[Path]:
     """Cache the cases listed in a manifest CSV (paths relative to the manifest)."""
     from dcn_node.volume import load_dicom_folder
@@ -158,8 +153,9 @@ def manifest_cases(manifest: Path, cache_dir: Path, size: int) -> list[Path]:
                 else:
                     array, spacing, _ = read_volume(image_path)
                     hu = array.astype(np.float32)
-                lung = _read_array(base / row["lung_mask"]) if row.get("lung_mask") else None
-                lesion = (_read_array(base / row["lesion_mask"]) > 0
+                lung = read_volume(base / row["lung_mask"])[0] if row.get("lung_mask") \
+                    else None
+                lesion = (read_volume(base / row["lesion_mask"])[0] > 0
                           if row.get("lesion_mask") else None)
                 if lesion is None and label == 0:
                     lesion = np.zeros(hu.shape, dtype=bool)

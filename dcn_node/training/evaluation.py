@@ -106,24 +106,34 @@ def classification_table(slice_level: Classification, individual: Classification
     return "\n".join(lines)
 
 
-def save_roc_png(path: Path, curves: dict[str, Classification]) -> None:
+def save_curves_png(path: Path, lines: list[tuple[str, Any, Any, str]], *, title: str,
+                    xlabel: str, ylabel: str, legend: str) -> None:
+    """A square plot of (label, x, y, marker) lines over the diagonal, saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
-    for name, result in curves.items():
-        fpr, tpr = roc_curve(np.asarray(result.labels), np.asarray(result.scores))
-        axis.plot(fpr, tpr, label=f"{name} (AUC {result.metrics()['AUC']:.3f})")
+    for label, xs, ys, marker in lines:
+        axis.plot(xs, ys, marker=marker or None, label=label)
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    axis.set_xlabel("1 - specificity")
-    axis.set_ylabel("sensitivity")
-    axis.set_title("ROC, synthetic phantoms (not for diagnostic use)", fontsize=9)
-    axis.legend(loc="lower right")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=9)
+    axis.legend(loc=legend)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def save_roc_png(path: Path, curves: dict[str, Classification]) -> None:
+    lines = []
+    for name, result in curves.items():
+        fpr, tpr = roc_curve(np.asarray(result.labels), np.asarray(result.scores))
+        lines.append((f"{name} (AUC {result.metrics()['AUC']:.3f})", fpr, tpr, ""))
+    save_curves_png(path, lines, title="ROC, synthetic phantoms (not for diagnostic use)",
+                    xlabel="1 - specificity", ylabel="sensitivity", legend="lower right")
 
 
 @dataclass
