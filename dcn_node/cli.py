@@ -329,13 +329,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     configure_logging("INFO")
     models = args.models or DEFAULT_MODELS_DIR
-    engine = Engine(models, args.profile, args.device)
+    engine = Engine(models, args.profile, args.device, mapping="fcn")
     engine.calibration = None  # raw probabilities: what the calibration maps
     evaluate_on_phantoms(engine, args.out, args.cases, VALIDATION_SEED_BASE + args.seed,
                          held_out="v3")
     rows = json.loads((args.out / "cases.json").read_text())
     labels = np.array([row["label"] for row in rows])
-    raw = np.array([row["probability"] for row in rows])
+    raw = {"fcn": np.array([row["probability"] for row in rows]),
+           "max": np.array([row["max_slice_probability"] for row in rows])}
     print(json.dumps(calibrate(Path(models), args.profile, labels, raw, args.out,
                                args.min_specificity), indent=2))
     return 0

@@ -224,21 +224,32 @@ def classical_anatomy(hu: np.ndarray, pixel_spacing_mm: float, slice_spacing_mm:
 
 def constrain_lung(predicted: np.ndarray, hu: np.ndarray, anatomy: Anatomy,
                    pixel_spacing_mm: float, slice_spacing_mm: float, *,
-                   reach_mm: float = 20.0, body_margin_mm: float = 3.0) -> np.ndarray:
+                   reach_mm: float = 20.0, reach_z_mm: float = 30.0,
+                   body_margin_mm: float = 3.0) -> np.ndarray:
     """The model's lung mask kept to what anatomy allows.
 
     A voxel stays lung only if it is at least ``body_margin_mm`` inside the body outline,
-    not airway, and within ``reach_mm`` of the classical (air-filled) lung of its slice: dense
-    lesions at the lung's edge are kept, soft tissue of the shoulders or the abdomen is not.
-    Then 3-D components smaller than 5 ml or 5 % of the largest, or mostly not air, go, and
-    holes that lung encloses are filled.
+    not airway, and within ``reach_mm`` (in its slice) of the classical (air-filled) lung of
+    its own slice or of the slices up to ``reach_z_mm`` above it: dense lesions at the
+    lung's edge are kept, even a consolidation that fills the base of a lung on its own
+    slice while the lung above it is still aerated; soft tissue of the shoulders, the back
+    or the abdomen is not. Then 3-D components smaller than
+    5 ml or 5 % of the largest, or mostly not air, go, and holes that lung encloses are
+    filled.
     """
     voxel_ml = pixel_spacing_mm ** 2 * slice_spacing_mm / 1000.0
     reach_px = reach_mm / pixel_spacing_mm
+    # The air-filled lung of the slices up to reach_z_mm above (superior: higher index),
+    # projected onto each slice. Only above: the lung narrows towards the apex, so upper
+    # slices add nothing there (the shoulders, the paraspinal muscles stay out), while at
+    # the bases the aerated lung above covers a base that consolidation has filled.
+    footprint = anatomy.lung.copy()
+    for step in range(1, int(reach_z_mm // max(slice_spacing_mm, 1e-3)) + 1):
+        footprint[:-step] |= anatomy.lung[step:]
     near = np.zeros(hu.shape, dtype=bool)
     for index in range(hu.shape[0]):
-        if predicted[index].any() and anatomy.lung[index].any():
-            near[index] = ndimage.distance_transform_edt(~anatomy.lung[index]) <= reach_px
+        if predicted[index].any() and footprint[index].any():
+            near[index] = ndimage.distance_transform_edt(~footprint[index]) <= reach_px
     allowed = near & _inside_body(anatomy.body, body_margin_mm, pixel_spacing_mm)
     lung = _keep_components(predicted & allowed & ~anatomy.airway, voxel_ml,
                             (hu < AIR_HU).astype(np.float32), 0.5)

@@ -222,6 +222,10 @@ class Engine:
         False = fp32 eager.
     reduced_precision:
         With ``optimized``: allow the autocast (False = the optimized path in float32).
+    mapping:
+        The individual-level mapping, ``fcn`` (the trained SPM) or ``max`` (the largest
+        slice probability); None: the manifest's ``mapping`` (chosen on validation cases by
+        :mod:`dcn_node.training.calibration`), else ``fcn``.
     """
 
     def __init__(
@@ -236,6 +240,7 @@ class Engine:
         reduced_precision: bool = True,
         decision_threshold: float | None = None,
         quality_gate: QualityGateSettings | None = None,
+        mapping: str | None = None,
     ) -> None:
         self.profile = PROFILES[profile]
         self.device = select_device(device)
@@ -252,7 +257,10 @@ class Engine:
         self.model_version = str(self.manifest["model_version"])
         self.lung_model = UNet(1, self.profile.unet_width)
         self.dcn = DCN(self.profile)
-        self.spm = SliceProbabilityMapping()
+        self.mapping = mapping or str(self.manifest.get("mapping", "fcn"))
+        if self.mapping not in ("fcn", "max"):
+            raise ModelIntegrityError(f"unknown individual-level mapping {self.mapping!r}")
+        self.spm = SliceProbabilityMapping(self.mapping)  # type: ignore[arg-type]
         for name, model in zip(NETWORKS, (self.lung_model, self.dcn, self.spm), strict=True):
             model.load_state_dict(load_checked_state(Path(models_dir), self.manifest, name))
             model.to(self.device).eval()

@@ -1,11 +1,18 @@
 """Calibration of the patient-level probability and the shipped decision threshold.
 
 On validation cases (seeds the networks and the mapping never trained on, and never the
-held-out evaluation seeds) the raw SPM probability is recalibrated by Platt scaling
-(a logistic regression on its logit), and the decision threshold is the lowest one that
-keeps specificity at or above the target (0.95) on the validation negatives. Both are
-written into the model manifest, which the engine reads; the reliability diagram (PNG) and
-the expected calibration error before and after go next to it.
+held-out evaluation seeds):
+
+1. the individual-level mapping is chosen: the trained three-layer SPM (``fcn``, the paper)
+   or the largest slice probability (``max``, the paper's Table 4 ablation), whichever ranks
+   the validation cases better (ROC AUC; a tie keeps ``fcn``). A mapping learned from a few
+   dozen curves can rank worse than its own first input;
+2. its raw probability is recalibrated by Platt scaling (a logistic regression on its logit);
+3. the decision threshold is the lowest one that keeps specificity at or above the target
+   (0.95) on the validation negatives.
+
+All three are written into the model manifest, which the engine reads; the reliability
+diagram (PNG) and the expected calibration error before and after go next to it.
 """
 
 from __future__ import annotations
@@ -98,12 +105,29 @@ def reliability_png(path: Path, labels: np.ndarray, curves: dict[str, np.ndarray
                     ylabel="observed frequency of COVID-19", legend="upper left")
 
 
-def calibrate(models_dir: Path, profile: str, labels: np.ndarray, raw: np.ndarray,
-              out_dir: Path, min_specificity: float = 0.95) -> dict[str, Any]:
-    """Fit, pick the threshold, write the reliability PNG and update the manifest (a new
-    model version: calibration changes every reported probability)."""
+def choose_mapping(labels: np.ndarray, raw_by_mapping: dict[str, np.ndarray]
+                   ) -> tuple[str, dict[str, float]]:
+    """The mapping whose raw probabilities rank ``labels`` best (AUC), and every AUC; on a
+    tie the first one given (``fcn``, the paper's)."""
+    from dcn_node.training.evaluation import auc
+
+    aucs = {name: round(auc(labels, np.asarray(raw, float)), 4)
+            for name, raw in raw_by_mapping.items()}
+    best = max(aucs, key=lambda name: (aucs[name], -list(aucs).index(name)))
+    return best, aucs
+
+
+def calibrate(models_dir: Path, profile: str, labels: np.ndarray,
+              raw_by_mapping: dict[str, np.ndarray], out_dir: Path,
+              min_specificity: float = 0.95) -> dict[str, Any]:
+    """Choose the mapping, fit, pick the threshold, write the reliability PNG and update the
+    manifest (a new model version: all three change every reported probability).
+    ``raw_by_mapping``: the uncalibrated probability of each validation case under each
+    candidate mapping (``fcn``, ``max``)."""
     from dcn_node.inference.weights import manifest_path, model_version_for
 
+    mapping, mapping_auc = choose_mapping(labels, raw_by_mapping)
+    raw = np.asarray(raw_by_mapping[mapping], float)
     calibration = fit_platt(labels, raw)
     calibrated = np.asarray(calibrated_by(np.asarray(raw, float), calibration))
     threshold = threshold_for_specificity(labels, calibrated, min_specificity)
@@ -115,18 +139,23 @@ def calibrate(models_dir: Path, profile: str, labels: np.ndarray, raw: np.ndarra
         "specificity": round(float((calibrated[~y] < threshold).mean()), 4),
         "sensitivity": round(float((calibrated[y] >= threshold).mean()), 4),
         "min_specificity": min_specificity,
+        "mapping_auc": mapping_auc,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     reliability_png(out_dir / "reliability.png", y, {"raw": np.asarray(raw, float),
                                                     "calibrated": calibrated})
     path = manifest_path(models_dir, profile)
     manifest = json.loads(path.read_text())
+    manifest["mapping"] = mapping
     manifest["calibration"] = {k: round(v, 6) for k, v in calibration.items()}
     manifest["decision_threshold"] = round(threshold, 6)
     manifest["calibration_report"] = report
     extra = json.dumps([manifest["calibration"], manifest["decision_threshold"]])
+    if mapping != "fcn":  # versions of fcn-mapped weights stay what they were
+        extra += mapping
     manifest["model_version"] = model_version_for(profile, manifest["files"], extra)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
-    LOGGER.info("calibration %s, threshold %.4f: %s", calibration, threshold, report)
-    return {"calibration": calibration, "decision_threshold": threshold, **report,
-            "model_version": manifest["model_version"]}
+    LOGGER.info("mapping %s, calibration %s, threshold %.4f: %s", mapping, calibration,
+                threshold, report)
+    return {"mapping": mapping, "calibration": calibration, "decision_threshold": threshold,
+            **report, "model_version": manifest["model_version"]}

@@ -232,6 +232,8 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
                      "slices": int(volume.hu.shape[0]),
                      "slice_spacing_mm": round(volume.slice_spacing_mm, 3),
                      "probability": result.probability,
+                     "max_slice_probability": float(np.max(result.slice_probabilities,
+                                                           initial=0.0)),
                      "assessable": quality["assessable"] if quality else True,
                      "lesion_dsc": _dsc(result.lesion, truth["lesion"]) if label else None,
                      "seconds": result.seconds})

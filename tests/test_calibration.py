@@ -1,0 +1,79 @@
+"""Calibration of the individual probability: the mapping chosen on validation cases,
+Platt scaling, the threshold for a specificity target, and the manifest the engine reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine, calibrated
+from dcn_node.training.calibration import (
+    calibrate,
+    choose_mapping,
+    expected_calibration_error,
+    fit_platt,
+    threshold_for_specificity,
+)
+
+
+def test_platt_recovers_a_known_logistic_model() -> None:
+    rng = np.random.default_rng(5)
+    raw = rng.uniform(0.01, 0.99, 20000)
+    truth = {"scale": 2.0, "shift": -0.5}
+    labels = rng.random(raw.size) < calibrated(raw, truth)
+    fitted = fit_platt(labels, raw)
+    assert fitted["scale"] == pytest.approx(2.0, abs=0.1)
+    assert fitted["shift"] == pytest.approx(-0.5, abs=0.1)
+    # Calibrated probabilities match the observed frequencies better than the raw ones.
+    assert expected_calibration_error(labels, calibrated(raw, fitted)) < \
+        expected_calibration_error(labels, raw)
+
+
+def test_threshold_keeps_the_specificity_target() -> None:
+    labels = np.array([0] * 10 + [1] * 5)
+    scores = np.array([.05, .1, .15, .2, .25, .3, .35, .4, .45, .9,
+                       .5, .6, .7, .8, .95])
+    threshold = threshold_for_specificity(labels, scores, 0.9)
+    assert threshold == pytest.approx((0.45 + 0.5) / 2)  # 9 of 10 negatives below
+    assert (scores[labels == 0] < threshold).mean() >= 0.9
+    with pytest.raises(ValueError):
+        threshold_for_specificity(np.ones(3), np.array([.1, .2, .3]))
+
+
+def test_mapping_with_the_better_validation_ranking_is_chosen() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    fcn = np.array([0.2, 0.6, 0.3, 0.5, 0.4, 0.9])  # one negative outranks two positives
+    best = np.array([0.1, 0.3, 0.2, 0.8, 0.7, 0.99])
+    assert choose_mapping(labels, {"fcn": fcn, "max": best})[0] == "max"
+    mapping, aucs = choose_mapping(labels, {"fcn": best, "max": best.copy()})
+    assert mapping == "fcn" and aucs == {"fcn": 1.0, "max": 1.0}  # a tie keeps the paper's
+
+
+def test_calibration_is_written_to_the_manifest_and_used_by_the_engine(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models)
+    before = json.loads((models / "lite-manifest.json").read_text())
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 20 + [1] * 20)
+    fcn = np.clip(rng.normal(0.5, 0.2, 40), 0.01, 0.99)  # no better than chance
+    largest = np.clip(0.3 + 0.4 * labels + rng.normal(0, 0.1, 40), 0.01, 0.99)
+    report = calibrate(models, "lite", labels, {"fcn": fcn, "max": largest},
+                       tmp_path / "calibration", min_specificity=0.95)
+    manifest = json.loads((models / "lite-manifest.json").read_text())
+    assert report["mapping"] == manifest["mapping"] == "max"
+    assert manifest["model_version"] != before["model_version"]
+    assert manifest["calibration_report"]["specificity"] >= 0.95
+    assert (tmp_path / "calibration" / "reliability.png").stat().st_size > 1000
+
+    engine = Engine(models, "lite", "cpu")
+    assert engine.mapping == "max" and engine.decision_threshold == manifest["decision_threshold"]
+    slices = torch.tensor([0.1, 0.7, 0.3])
+    raw = float(torch.sigmoid(engine.spm(slices)))
+    assert raw == pytest.approx(0.7, abs=1e-5)  # the largest slice probability
+    # The caller may still ask for the trained mapping (calibration needs its raw output).
+    assert Engine(models, "lite", "cpu", mapping="fcn").spm.mode == "fcn"
