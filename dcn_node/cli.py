@@ -329,11 +329,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     configure_logging("INFO")
     models = args.models or DEFAULT_MODELS_DIR
-    engine = Engine(models, args.profile, args.device, mapping="fcn")
-    engine.calibration = None  # raw probabilities: what the calibration maps
-    evaluate_on_phantoms(engine, args.out, args.cases, VALIDATION_SEED_BASE + args.seed,
-                         held_out="v3")
-    rows = json.loads((args.out / "cases.json").read_text())
+    cases_json = args.out / "cases.json"
+    if not args.refit:
+        engine = Engine(models, args.profile, args.device, mapping="fcn")
+        engine.calibration = None  # raw probabilities: what the calibration maps
+        evaluate_on_phantoms(engine, args.out, args.cases, VALIDATION_SEED_BASE + args.seed,
+                             held_out="v3")
+    elif not cases_json.exists():
+        print(f"--refit: no {cases_json} from an earlier calibration run", file=sys.stderr)
+        return 2
+    rows = json.loads(cases_json.read_text())
     labels = np.array([row["label"] for row in rows])
     raw = {"fcn": np.array([row["probability"] for row in rows]),
            "max": np.array([row["max_slice_probability"] for row in rows])}
@@ -424,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--cases", type=int, default=80)
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--min-specificity", type=float, default=0.95)
+    calibrate.add_argument("--refit", action="store_true",
+                           help="fit again from OUT/cases.json of an earlier run of the same "
+                                "weights (no inference)")
     calibrate.set_defaults(func=cmd_calibrate)
 
     train = sub.add_parser("train", help="train the lung U-Net, DCN and SPM (resumable)")

@@ -34,6 +34,25 @@ def test_platt_recovers_a_known_logistic_model() -> None:
         expected_calibration_error(labels, raw)
 
 
+def test_platt_converges_when_many_probabilities_are_saturated() -> None:
+    # The largest slice probabilities of 60 validation phantoms (lite-20261202-f71343c8,
+    # rounded): half the positives at exactly 1.0 (bfloat16). A plain Newton step from the
+    # identity overshot on them to a scale of 2.7e5.
+    negatives = [0.2134, 0.248, 0.2644, 0.2991, 0.3425, 0.3748, 0.455, 0.6109, 0.7178,
+                 0.728, 0.7994, 0.8069, 0.8267, 0.8344, 0.8376, 0.8459, 0.8539, 0.8783,
+                 0.9005, 0.9208, 0.923, 0.9284, 0.9294, 0.9334, 0.9592, 0.9649, 0.9674,
+                 0.9864, 0.9906, 0.9977]
+    positives = [0.6379, 0.6935, 0.9274, 0.9906, 0.9924, 0.9931, 0.9976, 0.9977, 0.9982,
+                 0.9982, 0.9984, 0.9993, 0.9999, 0.9999] + [1.0] * 16
+    labels = np.array([0] * len(negatives) + [1] * len(positives))
+    raw = np.array(negatives + positives)
+    fitted = fit_platt(labels, raw)
+    assert 0.1 < fitted["scale"] < 10 and abs(fitted["shift"]) < 20
+    # The fit is better than no calibration at all on the data it was fitted to.
+    assert expected_calibration_error(labels, calibrated(raw, fitted)) < \
+        expected_calibration_error(labels, raw)
+
+
 def test_threshold_keeps_the_specificity_target() -> None:
     labels = np.array([0] * 10 + [1] * 5)
     scores = np.array([.05, .1, .15, .2, .25, .3, .35, .4, .45, .9,

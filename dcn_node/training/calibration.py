@@ -37,19 +37,29 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def fit_platt(labels: np.ndarray, probabilities: np.ndarray, *, l2: float = 1e-3
               ) -> dict[str, float]:
-    """``scale`` and ``shift`` of sigmoid(scale * logit(p) + shift), by Newton's method on
-    the (lightly L2-regularised) log-likelihood."""
+    """``scale`` and ``shift`` of sigmoid(scale * logit(p) + shift), by Newton's method with
+    a backtracking line search on the (lightly L2-regularised) log-likelihood: a full Newton
+    step overshoots when many probabilities sit at the clip (a saturated largest slice
+    probability), and the fit must still converge there."""
     x = _logit(np.asarray(probabilities, float))
     y = np.asarray(labels, float)
-    w = np.array([1.0, 0.0])  # start at the identity
     features = np.stack([x, np.ones_like(x)], axis=1)
+
+    def loss(w: np.ndarray) -> float:
+        z = features @ w
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * w @ w)
+
+    w = np.array([1.0, 0.0])  # start at the identity
     for _ in range(100):
-        p = 1 / (1 + np.exp(-(features @ w)))
+        p = 1 / (1 + np.exp(-np.clip(features @ w, -500, 500)))
         gradient = features.T @ (p - y) + l2 * w
         hessian = features.T @ (features * (p * (1 - p))[:, None]) + l2 * np.eye(2)
         step = np.linalg.solve(hessian, gradient)
-        w -= step
-        if np.abs(step).max() < 1e-9:
+        size, current = 1.0, loss(w)
+        while loss(w - size * step) > current and size > 1e-6:
+            size /= 2
+        w = w - size * step
+        if np.abs(size * step).max() < 1e-9:
             break
     return {"scale": float(w[0]), "shift": float(w[1])}
 
