@@ -278,6 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lung_lesion_fraction=args.lung_lesion_fraction,
         device=args.device, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
         init_from=str(args.init_from or ""),
+        negative_slice_dice_weight=args.negative_slice_dice_weight,
     )
     manifest = Trainer(cases, args.out, settings).run()
     print(f"weights and manifest: {manifest}")
@@ -342,6 +343,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     labels = np.array([row["label"] for row in rows])
     raw = {"fcn": np.array([row["probability"] for row in rows]),
            "max": np.array([row["max_slice_probability"] for row in rows])}
+    if args.mapping != "auto":  # a mapping fixed by the caller (e.g. a release gate's veto)
+        raw = {args.mapping: raw[args.mapping]}
     print(json.dumps(calibrate(Path(models), args.profile, labels, raw, args.out,
                                args.min_specificity), indent=2))
     return 0
@@ -429,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--cases", type=int, default=80)
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--min-specificity", type=float, default=0.95)
+    calibrate.add_argument("--mapping", choices=["auto", "fcn", "max"], default="auto",
+                           help="individual-level mapping: auto = the better validation AUC")
     calibrate.add_argument("--refit", action="store_true",
                            help="fit again from OUT/cases.json of an earlier run of the same "
                                 "weights (no inference)")
@@ -458,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fold", type=int, default=0, help="which fold to hold out")
     train.add_argument("--lung-lesion-fraction", type=float, default=0.5,
                        help="share of each lung epoch drawn from slices with lesions")
+    train.add_argument("--negative-slice-dice-weight", type=float, default=0.0,
+                       help="weight of the lesion Dice on lesion-free slices of cases with a "
+                            "complete lesion mask (0 = the paper: only lesion slices count)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's initial lr")
     train.add_argument("--lr-decay", type=float, default=0.95, help="lr factor per epoch")
     train.add_argument("--init-from", type=Path, help="weights folder whose networks start "

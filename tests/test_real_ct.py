@@ -48,7 +48,8 @@ def test_real_ct_gate_no_covid_and_lesions_in_the_lungs(real_ct: Path, engine: E
 
 
 # Known gap (issue 15): on the two cropped lung-cancer scans the U-Net's lung mask leaves out
-# parts of the diseased lung the reference keeps (DSC 0.939 and 0.911 with lite-20261202).
+# parts of the diseased lung the reference keeps (DSC 0.939 and 0.907 with
+# lite-20261202-b2c385de).
 # strict: these fail loudly once the lung mask meets the goal, so the marks come off then.
 _LUNG_GAP = pytest.mark.xfail(strict=True, reason="issue 15: lung DSC < 0.95 on this crop")
 
@@ -90,7 +91,7 @@ def test_real_ct_with_inserted_lesions_is_called_positive(inserted) -> None:  # 
     assert not (result.lesion & ~result.lung).any()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: lesion DSC 0.60 < 0.70 with lite-20261202 "
+@pytest.mark.xfail(strict=True, reason="issue 15: lesion DSC < 0.70 with lite-20261202-b2c385de "
                    "(large inserted lesions partly missed)")
 def test_real_ct_inserted_lesions_are_outlined(inserted) -> None:  # noqa: ANN001
     lesion, result = inserted

@@ -35,6 +35,23 @@ def test_weighted_dice_ignores_slices_without_lesions() -> None:
     assert cls.item() < 1e-3
 
 
+def test_lesion_drawn_on_a_lesion_free_slice_costs_when_weighted() -> None:
+    # Equation 7 with a weight on lesion-free slices (negative_slice_dice_weight): lesion
+    # predicted where the mask says there is none (a tumour slice) now has a cost, and a
+    # clean prediction there has none.
+    lesion = torch.zeros(1, 1, 8, 8)
+    drawn = torch.full((1, 1, 8, 8), -50.0)
+    drawn[..., 2:6, 2:6] = 50.0
+    clean = torch.full((1, 1, 8, 8), -50.0)
+    label = torch.tensor([0.0])
+    _, seg_drawn, _ = dcn_loss(drawn, lesion, torch.tensor([-10.0]), label,
+                               weight=torch.tensor([0.5]))
+    _, seg_clean, _ = dcn_loss(clean, lesion, torch.tensor([-10.0]), label,
+                               weight=torch.tensor([0.5]))
+    assert seg_drawn.item() == pytest.approx(0.5 * (1 - 1 / 17), abs=0.01)  # w x Dice
+    assert seg_clean.item() < 0.01
+
+
 def test_metrics_match_hand_counts() -> None:
     counts = PixelCounts()
     counts.add(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool))

@@ -65,6 +65,12 @@ class TrainSettings:
     #: A weights folder (with its manifest) whose networks start each stage that has no
     #: checkpoint yet: fine-tuning shipped weights on more epochs or on a hospital's cases.
     init_from: str = ""
+    #: Weight of the segmentation Dice on lesion-free slices of cases whose lesion mask is
+    #: complete (phantoms, real scans with inserted lesions, a hospital case with a
+    #: lesion_mask column). 0 is the paper (equation 7: only slices with lesion count), which
+    #: leaves lesion drawn over a tumour or a lobar pneumonia unpunished; cases without a
+    #: lesion mask always keep weight 0 there (their lesions are unknown, not absent).
+    negative_slice_dice_weight: float = 0.0
 
 
 def _seed_everything(seed: int) -> None:
@@ -267,14 +273,20 @@ class Trainer:
         LOGGER.info("dcn: %d lesion slices, %d lesion-free lung slices", len(positives),
                     len(negatives))
 
+        annotated = [case.lesion is not None for case in self.cases]
+        negative_weight = settings.negative_slice_dice_weight
+
         def step(part: list[tuple[tuple[int, int], int]]) -> dict[str, torch.Tensor]:
             batch = self._batch([r for r, _ in part], True)
             label = torch.tensor([lab for _, lab in part], dtype=torch.float32,
                                  device=self.device)
+            known = torch.tensor([annotated[c] for (c, _), _ in part], dtype=torch.float32,
+                                 device=self.device)
+            weight = label + (1 - label) * known * negative_weight
             with self._autocast():
                 out = model(batch["image"])
             loss, seg, cls = dcn_loss(out.segmentation, batch["lesion"], out.classification,
-                                      label, weight=label)
+                                      label, weight=weight)
             return {"loss": loss, "seg": seg, "cls": cls}
 
         def epoch() -> list[Callable[[], dict[str, torch.Tensor]]]:
