@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--cases", type=int, default=80)
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--min-specificity", type=float, default=0.95)
+    # The names of networks.MAPPINGS, spelled out: importing torch to build the parser
+    # would slow every command.
     calibrate.add_argument("--mapping", choices=["auto", "fcn", "max"], default="auto",
                            help="individual-level mapping: auto = the better validation AUC")
     calibrate.add_argument("--refit", action="store_true",

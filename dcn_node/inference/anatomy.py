@@ -233,9 +233,8 @@ def constrain_lung(predicted: np.ndarray, hu: np.ndarray, anatomy: Anatomy,
     its own slice or of the slices up to ``reach_z_mm`` above it: dense lesions at the
     lung's edge are kept, even a consolidation that fills the base of a lung on its own
     slice while the lung above it is still aerated; soft tissue of the shoulders, the back
-    or the abdomen is not. Then 3-D components smaller than
-    5 ml or 5 % of the largest, or mostly not air, go, and holes that lung encloses are
-    filled.
+    or the abdomen is not. Then 3-D components smaller than 5 ml or 5 % of the largest, or
+    mostly not air, go, and holes that lung encloses are filled.
     """
     voxel_ml = pixel_spacing_mm ** 2 * slice_spacing_mm / 1000.0
     reach_px = reach_mm / pixel_spacing_mm

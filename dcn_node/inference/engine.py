@@ -24,7 +24,13 @@ import torch
 from dcn_node.config import QualityGateSettings
 from dcn_node.errors import DcnNodeError
 from dcn_node.inference.anatomy import classical_anatomy, constrain_lung
-from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
+from dcn_node.inference.networks import (
+    DCN,
+    MAPPINGS,
+    PROFILES,
+    SliceProbabilityMapping,
+    UNet,
+)
 from dcn_node.inference.quality import GateResult, NotAssessable, assess
 from dcn_node.inference.transforms import (
     from_network_grid,
@@ -258,7 +264,7 @@ class Engine:
         self.lung_model = UNet(1, self.profile.unet_width)
         self.dcn = DCN(self.profile)
         self.mapping = mapping or str(self.manifest.get("mapping", "fcn"))
-        if self.mapping not in ("fcn", "max"):
+        if self.mapping not in MAPPINGS:
             raise ModelIntegrityError(f"unknown individual-level mapping {self.mapping!r}")
         self.spm = SliceProbabilityMapping(self.mapping)  # type: ignore[arg-type]
         for name, model in zip(NETWORKS, (self.lung_model, self.dcn, self.spm), strict=True):

@@ -23,6 +23,9 @@ from torch import Tensor, nn
 
 #: Values the slice probability curve is resampled to (section 2.4).
 SPM_POINTS = 100
+#: The individual-level mappings: the trained FCN (the paper) and the largest slice
+#: probability (its Table 4 ablation).
+MAPPINGS = ("fcn", "max")
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,7 @@ def choose_mapping(labels: np.ndarray, raw_by_mapping: dict[str, np.ndarray]
 
     aucs = {name: round(auc(labels, np.asarray(raw, float)), 4)
             for name, raw in raw_by_mapping.items()}
-    best = max(aucs, key=lambda name: (aucs[name], -list(aucs).index(name)))
-    return best, aucs
+    return max(aucs, key=aucs.__getitem__), aucs  # max keeps the first of equals
 
 
 def calibrate(models_dir: Path, profile: str, labels: np.ndarray,
@@ -139,7 +138,7 @@ def calibrate(models_dir: Path, profile: str, labels: np.ndarray,
     mapping, mapping_auc = choose_mapping(labels, raw_by_mapping)
     raw = np.asarray(raw_by_mapping[mapping], float)
     calibration = fit_platt(labels, raw)
-    calibrated = np.asarray(calibrated_by(np.asarray(raw, float), calibration))
+    calibrated = np.asarray(calibrated_by(raw, calibration))
     threshold = threshold_for_specificity(labels, calibrated, min_specificity)
     y = np.asarray(labels, bool)
     report = {
@@ -152,8 +151,7 @@ def calibrate(models_dir: Path, profile: str, labels: np.ndarray,
         "mapping_auc": mapping_auc,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    reliability_png(out_dir / "reliability.png", y, {"raw": np.asarray(raw, float),
-                                                    "calibrated": calibrated})
+    reliability_png(out_dir / "reliability.png", y, {"raw": raw, "calibrated": calibrated})
     path = manifest_path(models_dir, profile)
     manifest = json.loads(path.read_text())
     manifest["mapping"] = mapping
