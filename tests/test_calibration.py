@@ -96,3 +96,34 @@ def test_calibration_is_written_to_the_manifest_and_used_by_the_engine(tmp_path:
     assert raw == pytest.approx(0.7, abs=1e-5)  # the largest slice probability
     # The caller may still ask for the trained mapping (calibration needs its raw output).
     assert Engine(models, "lite", "cpu", mapping="fcn").spm.mode == "fcn"
+
+
+def test_calibrate_command_on_validation_phantoms_and_refit(tmp_path: Path) -> None:
+    """`dcn-node calibrate` end to end on 4 validation phantoms (the whole DICOM path), then
+    `--refit` from its cases.json: same fit, no inference."""
+    import subprocess
+    import sys
+
+    models, out = tmp_path / "models", tmp_path / "calibration"
+    shutil.copytree(DEFAULT_MODELS_DIR, models)
+    command = [sys.executable, "-m", "dcn_node", "calibrate", "--models", str(models),
+               "--cases", "4", "--out", str(out), "--device", "cpu"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = json.loads((out / "cases.json").read_text())
+    assert [row["label"] for row in rows] == [1, 0, 1, 0]
+    for row in rows:  # the largest slice probability clamped as the engine's `max` does
+        assert 0.0 < row["max_slice_probability"] < 1.0
+    manifest = json.loads((models / "lite-manifest.json").read_text())
+    assert manifest["mapping"] in ("fcn", "max")
+    assert set(manifest["calibration_report"]["mapping_auc"]) == {"fcn", "max"}
+
+    refit = subprocess.run([*command, "--refit", "--mapping", "fcn"], capture_output=True,
+                           text=True, timeout=120)
+    assert refit.returncode == 0, refit.stderr[-2000:]
+    assert "case 5" not in refit.stderr  # nothing analysed again
+    again = json.loads((models / "lite-manifest.json").read_text())
+    assert again["mapping"] == "fcn"
+    assert again["calibration"] == {k: round(v, 6) for k, v in fit_platt(
+        np.array([row["label"] for row in rows]),
+        np.array([row["probability"] for row in rows])).items()}

@@ -209,8 +209,14 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
     volume -> engine) and write ``report.txt``, ``cases.json`` and ``roc.png`` into
     ``out_dir``; returns the report. With a ``baseline`` engine (the naive float32 path)
     the same cases also run through it and the report ends with the accuracy delta."""
+    import torch
+
+    from dcn_node.inference.networks import SliceProbabilityMapping
     from dcn_node.volume import load_dicom_folder
 
+    # The `max` mapping's raw output, as the engine would give it (clamped like it), for
+    # `dcn-node calibrate`'s choice between mappings.
+    largest_slice = SliceProbabilityMapping("max")
     make = HELD_OUT_SETS[held_out]
     out_dir.mkdir(parents=True, exist_ok=True)
     scores, baseline_scores = _Scores(), _Scores()
@@ -232,8 +238,8 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
                      "slices": int(volume.hu.shape[0]),
                      "slice_spacing_mm": round(volume.slice_spacing_mm, 3),
                      "probability": result.probability,
-                     "max_slice_probability": float(np.max(result.slice_probabilities,
-                                                           initial=0.0)),
+                     "max_slice_probability": float(torch.sigmoid(largest_slice(
+                         torch.from_numpy(result.slice_probabilities)))),
                      "assessable": quality["assessable"] if quality else True,
                      "lesion_dsc": _dsc(result.lesion, truth["lesion"]) if label else None,
                      "seconds": result.seconds})
