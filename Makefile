@@ -7,14 +7,19 @@ CONFIG ?= config/dcn-node.yaml
 # CPU build of torch; see README "GPU install" for CUDA machines.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages the test suite talks to as real peers.
-TEST_DEBS := dcmtk dicom3tools orthanc orthanc-gdcm prometheus
+TEST_DEBS := dcmtk dicom3tools orthanc orthanc-gdcm orthanc-dicomweb prometheus chromium nodejs npm
+# The radiologist's viewer in tests: OHIF's prebuilt app and the browser driver, pinned
+# (also in tests/ohif.py), into a cache folder outside the checkout.
+OHIF_VERSION      ?= 3.13.2
+PUPPETEER_VERSION ?= 25.16.0
+OHIF_DIR          ?= $(HOME)/.cache/dcn-node/ohif
 
 # install-systemd: where the checkout (with its .venv) lives, and where units go.
 INSTALL_DIR ?= /opt/dcn-node
 SYSTEMD_DIR ?= /etc/systemd/system
 
-.PHONY: run test venv test-deps system-deps lint bench bench-robustness audit clean \
-        install-systemd
+.PHONY: run test venv test-deps system-deps ohif-deps lint bench bench-robustness audit \
+        clean install-systemd
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +41,10 @@ system-deps:
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
 	test -e /usr/share/orthanc/plugins/libOrthancGdcm.so || missing="$$missing orthanc-gdcm"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
@@ -44,10 +53,23 @@ system-deps:
 	  else echo "missing Debian packages:$$missing (run as root or install them)"; exit 1; fi; \
 	fi
 
-test-deps: venv system-deps
+# OHIF's dist (npm pack of @ohif/app: the prebuilt app, no build) and puppeteer-core.
+ohif-deps: system-deps
+	@if [ ! -f "$(OHIF_DIR)/ohif-app-$(OHIF_VERSION)/dist/index.html" ]; then \
+	  mkdir -p "$(OHIF_DIR)" && cd "$(OHIF_DIR)" && \
+	  npm pack --silent "@ohif/app@$(OHIF_VERSION)" >/dev/null && \
+	  rm -rf package "ohif-app-$(OHIF_VERSION)" && tar xzf "ohif-app-$(OHIF_VERSION).tgz" && \
+	  mv package "ohif-app-$(OHIF_VERSION)" && rm "ohif-app-$(OHIF_VERSION).tgz"; \
+	fi
+	@if [ ! -d "$(OHIF_DIR)/node_modules/puppeteer-core" ]; then \
+	  cd "$(OHIF_DIR)" && { [ -f package.json ] || echo '{"private": true}' > package.json; } && \
+	  npm install --silent --no-audit --no-fund "puppeteer-core@$(PUPPETEER_VERSION)"; \
+	fi
+
+test-deps: venv system-deps ohif-deps
 
 test: test-deps audit
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	OHIF_DIR="$(OHIF_DIR)" $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Known vulnerabilities in the installed dependencies (PyPI's advisory data): fails when
 # pip-audit finds any. Packages the index cannot vouch for are listed, not failed on (a

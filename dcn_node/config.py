@@ -168,7 +168,7 @@ class Destination(_Frozen):
     host: str
     port: Port
     #: Which result objects this destination takes.
-    kinds: tuple[Literal["seg", "sc", "sr"], ...] = ("seg", "sc", "sr")
+    kinds: tuple[Literal["seg", "sc", "sr", "ko"], ...] = ("seg", "sc", "sr", "ko")
     #: Off by default; set a section (even empty ``tls: {}``) to use TLS.
     tls: TlsSettings | None = None
 
@@ -270,13 +270,24 @@ class SrResultSettings(_Frozen):
     series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
         "AI measurement report - not for diagnostic use"
     )
-    #: How measurements name their source images: ``series`` (the CT series, one line)
-    #: or ``images`` (every CT instance, long in a text viewer).
-    source_references: Literal["series", "images"] = "series"
+    #: How many of the largest lesions get a measurement group of their own (outline on
+    #: the slice where each is largest, area, mean HU, volume, left or right lung).
+    lesion_regions: Annotated[int, Field(ge=0, le=50)] = 5
+
+
+class KoResultSettings(_Frozen):
+    """The Key Object Selection document (key images, IHE AI Results)."""
+
+    enabled: bool = True
+    series_number: Annotated[int, Field(ge=1, le=2**31 - 1)] = 904
+    series_description: Annotated[str, Field(min_length=1, max_length=64)] = (
+        "AI key images - not for diagnostic use"
+    )
 
 
 class ResultsSettings(_Frozen):
-    """The DICOM objects made from each analysis: SEG, overlay SCs and a TID 1500 SR."""
+    """The DICOM objects made from each analysis: SEG, overlay SCs, a TID 1500 SR and a KOS
+    naming the key images."""
 
     #: Root for the UIDs of result objects (your organisation's root, ending in a dot);
     #: default: pydicom's root. UIDs are derived from the source series, model version,
@@ -297,6 +308,7 @@ class ResultsSettings(_Frozen):
     seg: SegResultSettings = SegResultSettings()
     sc: ScResultSettings = ScResultSettings()
     sr: SrResultSettings = SrResultSettings()
+    ko: KoResultSettings = KoResultSettings()
 
 
 class MetricsSettings(_Frozen):

@@ -1,4 +1,4 @@
-"""The encode stage: model output -> SEG, SC and SR files -> the outbox.
+"""The encode stage: model output -> SEG, SC, SR and KOS files -> the outbox.
 
 Runs on its own thread behind a small bounded queue, so the model worker goes on with the
 next series while the objects of the last one are encoded (and waits when encoding falls
@@ -133,6 +133,7 @@ def _objects_with_paths(result_set: object, paths: list[Path]) -> list[tuple[str
     datasets = [("seg", ds) for ds in result_set.seg]  # type: ignore[attr-defined]
     datasets += [("sc", ds) for ds in result_set.sc]  # type: ignore[attr-defined]
     datasets += [("sr", ds) for ds in result_set.sr]  # type: ignore[attr-defined]
+    datasets += [("ko", ds) for ds in result_set.ko]  # type: ignore[attr-defined]
     by_uid = {p.stem: p for p in paths}
     out = []
     for kind, ds in datasets:

@@ -73,7 +73,7 @@ FAILURE_REASONS = ("undecodable", "out_of_memory", "model_error", "encoding_erro
 STAGES = ("volume_load", "preprocessing", "lung_segmentation", "dcn", "spm", "postprocessing",
           "encoding")
 #: ``kind`` and ``outcome`` of dcn_result_deliveries_total.
-RESULT_KINDS = ("seg", "sc", "sr")
+RESULT_KINDS = ("seg", "sc", "sr", "ko")
 DELIVERY_OUTCOMES = ("sent", "retry", "dead")
 #: The model this node runs (``name`` of dcn_model_info).
 MODEL_NAME = "dcn-covid19-ct"

@@ -1,6 +1,6 @@
 """The durable outbox: result objects waiting to reach each destination.
 
-A result set (the SEG, SC and SR files of one model run) is recorded here, in the spool's
+A result set (the SEG, SC, SR and KOS files of one model run) is recorded here, in the spool's
 SQLite index, before anything is sent, with one delivery row per object and destination.
 The sender works through the rows; each ends ``sent`` (acknowledged by the peer), ``dead``
 (a failure that retrying will not change, or undeliverable for longer than the configured
@@ -58,7 +58,7 @@ CREATE INDEX IF NOT EXISTS deliveries_by_set ON deliveries (result_set_id);
 class ResultObject:
     """One file of a result set."""
 
-    kind: str  # "seg", "sc" or "sr"
+    kind: str  # "seg", "sc", "sr" or "ko"
     sop_class_uid: str
     sop_instance_uid: str
     path: Path

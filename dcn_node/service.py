@@ -4,7 +4,7 @@
                                                           refused instances -> quarantine
     complete  SeriesAssembler, apscheduler interval job   -> jobs queue in the spool
     infer     ModelWorker thread, one model run at a time -> summary.json, masks.npz
-    encode    ResultEncoder thread                        -> SEG/SC/SR files + outbox rows
+    encode    ResultEncoder thread                        -> SEG/SC/SR/KOS files + outbox rows
     send      one DestinationSender thread per PACS       -> C-STORE, retries, dead letters
     observe   NodeMetrics (callbacks of every stage), MetricsServer: /metrics /healthz /readyz
 

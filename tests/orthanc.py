@@ -23,6 +23,8 @@ from typing import Any
 
 ORTHANC_AET = "ORTHANC"
 GDCM_PLUGIN = "/usr/share/orthanc/plugins/libOrthancGdcm.so"
+#: Debian's orthanc-dicomweb: QIDO-RS/WADO-RS, what OHIF reads a PACS through.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 @contextlib.contextmanager
@@ -52,11 +54,17 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 30.0, *, gdcm: bool = False) -> None:
+    def start(self, timeout: float = 30.0, *, gdcm: bool = False,
+              dicomweb: bool = False) -> None:
         """Start (or restart, on the same storage). ``gdcm`` loads the GDCM plugin, the
-        only JPEG 2000 encoder and decoder Orthanc has (DCMTK, built in, has none)."""
-        if gdcm and not Path(GDCM_PLUGIN).exists():
-            raise RuntimeError(f"{GDCM_PLUGIN} missing: install Debian's orthanc-gdcm")
+        only JPEG 2000 encoder and decoder Orthanc has (DCMTK, built in, has none);
+        ``dicomweb`` the DICOMweb plugin under ``/dicom-web/``."""
+        plugins = [path for path, wanted in ((GDCM_PLUGIN, gdcm), (DICOMWEB_PLUGIN, dicomweb))
+                   if wanted]
+        for path in plugins:
+            if not Path(path).exists():
+                package = "orthanc-gdcm" if path == GDCM_PLUGIN else "orthanc-dicomweb"
+                raise RuntimeError(f"{path} missing: install Debian's {package}")
         storage = self.workdir / "db"
         storage.mkdir(parents=True, exist_ok=True)
         config = {
@@ -77,7 +85,8 @@ class Orthanc:
             "DicomModalitiesInDatabase": False,
             # Loaded only on request: with it, JPEG-LS encoding crashed Orthanc 1.10.1
             # (segfault), while DCMTK's built-in JPEG-LS codec works without it.
-            "Plugins": [GDCM_PLUGIN] if gdcm else [],
+            "Plugins": plugins,
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         }
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config))

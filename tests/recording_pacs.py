@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
@@ -29,11 +30,12 @@ RESULT_KINDS = {
     str(SecondaryCaptureImageStorage): "sc",
     str(MultiFrameTrueColorSecondaryCaptureImageStorage): "sc",
     str(Comprehensive3DSRStorage): "sr",
+    str(KeyObjectSelectionDocumentStorage): "ko",
 }
 
 
 class RecordingPacs:
-    """A Storage SCP on loopback for SEG, SC and SR.
+    """A Storage SCP on loopback for SEG, SC, SR and KOS.
 
     Parameters
     ----------
@@ -117,9 +119,9 @@ class RecordingPacs:
             return {uid for study, _, uid in self.stored if study == study_instance_uid}
 
     def complete(self, study_instance_uid: str) -> bool:
-        """A whole result set (SEG, SC, SR) is stored for the study."""
+        """A whole result set (SEG, SC, SR, KOS) is stored for the study."""
         kinds = self.kinds_of(study_instance_uid)
-        return all(kinds.get(k, 0) >= 1 for k in ("seg", "sc", "sr"))
+        return all(kinds.get(k, 0) >= 1 for k in ("seg", "sc", "sr", "ko"))
 
     def resends(self) -> int:
         """C-STOREs stored again under a SOP Instance UID already stored (superseding)."""

@@ -38,9 +38,11 @@ def test_heat_map_pixels_lie_inside_the_lungs(analysed, kind: str) -> None:  # n
         with_heat = render_overlay(volume, result, index, on).astype(int)
         without = render_overlay(volume, result, index, off).astype(int)
         differs = np.abs(with_heat - without).sum(axis=2) > 6
-        image = differs[layout.header:layout.header + layout.height, :layout.width]
-        # Outside the image part only the colour bar and its legend may differ.
-        assert not differs[layout.header + layout.height:].any()
+        image = differs[:layout.height, :layout.width]
+        # Outside the image part only the colour bar and the legend line may differ.
+        legend_top, legend_bottom = layout.legend_rows
+        assert not differs[layout.height:legend_top].any()
+        assert not differs[legend_bottom:].any()
         lung = np.repeat(np.repeat(truth["lung"][index], layout.scale, 0), layout.scale, 1)
         visible += int(image.sum())
         inside += int((image & lung).sum())

@@ -72,7 +72,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, untrained_models: Path) -> Ite
                 'sum(dcn_series_end_to_end_seconds_count{job="dcn-node"})') == 1,
                 timeout=240, interval=0.5)
             found = result_instances(orthanc, case)
-            assert set(found) == {"seg", "sc", "sr"}, sorted(found)
+            assert set(found) == {"seg", "sc", "sr", "ko"}, sorted(found)
             yield Run(case, node, prometheus, {kind: len(v) for kind, v in found.items()})
         finally:
             exit_code = node.terminate() if node.process and node.process.poll() is None \

@@ -28,6 +28,7 @@ RESULT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.34": "sr",  # Comprehensive 3D SR
     "1.2.840.10008.5.1.4.1.1.7": "sc",  # Secondary Capture Image Storage
     "1.2.840.10008.5.1.4.1.1.7.4": "sc",  # Multi-frame True Color SC
+    "1.2.840.10008.5.1.4.1.1.88.59": "ko",  # Key Object Selection Document
 }
 
 
@@ -98,7 +99,7 @@ def delivered_sets(spool: Spool) -> int:
 
 def check_references(found: dict[str, list[pydicom.Dataset]], case: PhantomCase) -> None:
     ct_uids = set(case.sop_instance_uids)
-    assert set(found) == {"seg", "sc", "sr"}, f"result kinds in Orthanc: {sorted(found)}"
+    assert set(found) == {"seg", "sc", "sr", "ko"}, f"result kinds in Orthanc: {sorted(found)}"
     for kind, datasets in found.items():
         for ds in datasets:
             assert ds.StudyInstanceUID == case.study_instance_uid, kind

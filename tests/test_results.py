@@ -118,7 +118,7 @@ def test_every_object_is_valid_for_1_and_5_mm_with_and_without_lesions(
     assert result.lesion.any() != normal
     paths = build_results(volume, result, ResultsSettings()).write(tmp_path / "out")
     kinds = sorted({p.parent.name for p in paths})
-    assert kinds == ["sc", "seg", "sr"]
+    assert kinds == ["ko", "sc", "seg", "sr"]
     for path in paths:
         report = dciodvfy(path)
         ds = pydicom.dcmread(path)
@@ -129,6 +129,8 @@ def test_every_object_is_valid_for_1_and_5_mm_with_and_without_lesions(
             tree = dsrdump(path)
             assert "Probability" in tree and "Percentage of lung volume with lesions" in tree
             assert report
+        if path.parent.name == "ko":
+            assert "Best In Set" in dsrdump(path)
     seg = pydicom.dcmread(next(p for p in paths if p.parent.name == "seg"))
     assert int(seg.NumberOfFrames) == 2 * len(volume.sop_instance_uids)  # no frame omitted
     assert seg.SegmentationType == "BINARY"
@@ -142,7 +144,8 @@ def test_every_object_is_valid_for_1_and_5_mm_with_and_without_lesions(
     assert values["Number of slices with lesions"][0][0] == int(
         result.lesion.any(axis=(1, 2)).sum())
     if normal:
-        assert values["Volume"][0] == (0.0, "ml")
+        assert values["Volume of lesions"] == [(0.0, "ml")]
+        assert "Lesion" not in values.get("Finding", [])  # no lesion groups
         assert len([p for p in paths if p.parent.name == "sc"]) == 1
 
 
@@ -255,22 +258,34 @@ def test_uids_are_deterministic_and_a_rerun_replaces_the_files(tmp_path: Path) -
 
     def uids(results: ResultSet) -> list[tuple[str, str]]:
         return [(ds.SeriesInstanceUID, ds.SOPInstanceUID)
-                for kind in ("seg", "sc", "sr") for ds in getattr(results, kind)]
+                for kind in ("seg", "sc", "sr", "ko") for ds in getattr(results, kind)]
+
+    def tracking(results: ResultSet) -> list[str]:
+        return [i.UID for i in sr_items(results.sr[0]) if i.ValueType == "UIDREF"
+                and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Unique Identifier"]
 
     assert uids(first) == uids(second)
     assert all(sop.startswith("1.2.826.0.1.3680043.10.999.") for _, sop in uids(first))
-    assert len({series for series, _ in uids(first)}) == 3
+    assert len({series for series, _ in uids(first)}) == 4
     out = tmp_path / "out"
     written = first.write(out)
     assert second.write(out) == written
-    assert sorted(out.rglob("*")) == sorted([*written, out / "seg", out / "sc", out / "sr"])
+    assert sorted(out.rglob("*")) == sorted([*written, *(out / k for k in ("seg", "sc", "sr",
+                                                                            "ko"))])
+    # Each measurement group tracks its own finding, under the same UID in a re-run.
+    assert tracking(first) == tracking(second) and len(set(tracking(first))) > 1
+    assert len(set(tracking(first))) == len(tracking(first))
     result.model_version = "test-2"
-    assert not set(uids(build_results(volume, result, settings))) & set(uids(first))
-    # The SR's lesion group carries the SEG segment's tracking UID.
-    seg, sr = first.seg[0], first.sr[0]
-    tracking = [i.UID for i in sr_items(sr) if i.ValueType == "UIDREF"
-                and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Unique Identifier"]
-    assert seg.SegmentSequence[0].TrackingUID in tracking
+    rerun = build_results(volume, result, settings)
+    assert not set(uids(rerun)) & set(uids(first))
+    assert not set(tracking(rerun)) & set(tracking(first))
+
+
+def groups(sr: Dataset) -> list[Dataset]:
+    """The measurement groups of a TID 1500 report."""
+    (measurements,) = [i for i in sr.ContentSequence
+                       if i.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"]
+    return list(measurements.ContentSequence)
 
 
 def test_sr_reports_the_measurements_of_the_result(tmp_path: Path) -> None:
@@ -283,10 +298,10 @@ def test_sr_reports_the_measurements_of_the_result(tmp_path: Path) -> None:
     lung_ml = result.lung.sum() * voxel_ml
     assert values["Probability"] == [(0.93, "1")]
     assert values["COVID-19"] == ["Absent"]  # 0.93 is below the configured 0.95
-    assert values["Volume"] == [(round(lesion_ml, 2), "ml"), (round(lung_ml, 2), "ml")]
+    assert values["Volume of lesions"] == [(round(lesion_ml, 2), "ml")]
+    assert values["Volume of lungs"] == [(round(lung_ml, 2), "ml")]
     assert values["Percentage of lung volume with lesions"] == [
         (round(100 * lesion_ml / lung_ml, 3), "%")]
-    assert values["Referenced Segment"] == [1, 2]
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     assert "PerformedProcedureCodeSequence" in sr
     assert "ReferencedPerformedProcedureStepSequence" in sr
@@ -297,19 +312,76 @@ def test_sr_reports_the_measurements_of_the_result(tmp_path: Path) -> None:
                 for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in s.ReferencedSeriesSequence for r in series.ReferencedSOPSequence}
     assert evidence == {*volume.sop_instance_uids, results.seg[0].SOPInstanceUID}
-    # Every source image instead of the series, and a SEG without lungs: still valid.
-    results = build_results(volume, result, ResultsSettings(
-        seg={"include_lung": False}, sc={"enabled": False},
-        sr={"source_references": "images"}))
-    assert len(results.seg[0].SegmentSequence) == 1
-    values = sr_values(results.sr[0])
-    assert values["Referenced Segment"] == [1]
-    assert len(values["Volume"]) == 2
+
+    # Every group has an image region on a CT slice (what OHIF needs to show a group).
+    labels, components = ndimage.label(result.lesion, structure=np.ones((3, 3, 3), bool))
+    sizes = sorted(np.bincount(labels.ravel())[1:], reverse=True)
+    found = groups(sr)
+    assert len(found) == 1 + min(5, components)
+    for group in found:
+        (region,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+        assert region.ConceptNameCodeSequence[0].CodeValue == "111030"  # Image Region
+        assert region.GraphicType == "POLYLINE"
+        points = np.asarray(region.GraphicData, float).reshape(-1, 2)
+        assert np.array_equal(points[0], points[-1])  # closed
+        assert (points >= 0).all() and (points <= MATRIX).all()
+        (source,) = region.ContentSequence
+        assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in \
+            volume.sop_instance_uids
+
+    # The lesions, largest first: volume, area and mean HU on the key slice, the side.
+    lesion_groups = found[1:]
+    for group, voxels in zip(lesion_groups, sizes, strict=False):
+        numbers = sr_values(group)
+        assert numbers["Volume"] == [(round(voxels * voxel_ml, 2), "ml")]
+        (region,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+        uid = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        index = volume.sop_instance_uids.index(uid)
+        ((area, unit),) = numbers["Area"]
+        assert unit == "mm2" and area > 0
+        pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+        assert area <= result.lesion[index].sum() * pixel_mm2 + 0.1
+        ((hu, unit),) = numbers["Attenuation Coefficient"]
+        assert unit == "[hnsf'U]" and -1000 < hu < 200
+        # The outline encloses the lesion's pixels on that slice (its area within a
+        # marching-squares pixel edge).
+        (region,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+        points = np.asarray(region.GraphicData, float).reshape(-1, 2)
+        x, y = points[:, 0], points[:, 1]
+        polygon_area = abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2 * pixel_mm2
+        assert 0.6 * area <= polygon_area <= 1.2 * area
+        assert numbers["Finding Site"][0] in ("Left lung", "Right lung")
+    assert [sr_values(g)["Volume"][0][0] for g in lesion_groups] == sorted(
+        [sr_values(g)["Volume"][0][0] for g in lesion_groups], reverse=True)
+
+    # Fewer lesion groups when configured; none at all with 0.
+    results = build_results(volume, result, ResultsSettings(sr={"lesion_regions": 0}))
+    assert len(groups(results.sr[0])) == 1
     for path in results.write(tmp_path / "out"):
         dciodvfy(path)
-        if path.parent.name == "sr":
-            assert dsrdump(path).count("Source Image for Segmentation") == len(
-                volume.sop_instance_uids)
+
+
+def test_key_object_selection_names_the_overlay_slices_and_images(tmp_path: Path) -> None:
+    volume, result, _ = phantom_case(tmp_path / "case")
+    results = build_results(volume, result, ResultsSettings())
+    (ko,) = results.ko
+    assert ko.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+    assert ko.ConceptNameCodeSequence[0].CodeValue == "113013"  # Best In Set
+    assert ko.StudyInstanceUID == volume.study_instance_uid
+    named = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+             for i in ko.ContentSequence if i.ValueType == "IMAGE"}
+    shown_ct = {ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in results.sc}
+    overlays = {ds.SOPInstanceUID for ds in results.sc}
+    assert named == shown_ct | overlays
+    path = results.write(tmp_path / "out")[-1]
+    assert path.parent.name == "ko"
+    dciodvfy(path)
+    assert dsrdump(path).count("IMAGE") == len(named)
+    # Without overlays, the key CT slices still.
+    results = build_results(volume, result, ResultsSettings(sc={"enabled": False}))
+    named = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+             for i in results.ko[0].ContentSequence if i.ValueType == "IMAGE"}
+    assert named == shown_ct
 
 
 def test_algorithm_identification_and_contributing_equipment(tmp_path: Path) -> None:
@@ -319,7 +391,7 @@ def test_algorithm_identification_and_contributing_equipment(tmp_path: Path) -> 
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmVersion == "test-1"
     assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
-    for ds in (*results.seg, *results.sc, *results.sr):
+    for ds in (*results.seg, *results.sc, *results.sr, *results.ko):
         ours = [e for e in ds.ContributingEquipmentSequence
                 if e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"]
         assert len(ours) == 1, ds.Modality
@@ -329,8 +401,8 @@ def test_algorithm_identification_and_contributing_equipment(tmp_path: Path) -> 
         assert ours[0].DeviceUID
         assert ds.StationName == "AI01"
         assert "not for diagnostic use" in ds.SeriesDescription
-    assert {ds.SeriesNumber for ds in (*results.seg, *results.sc, *results.sr)} == {901, 902,
-                                                                                     903}
+    assert {ds.SeriesNumber for ds in (*results.seg, *results.sc, *results.sr, *results.ko)
+            } == {901, 902, 903, 904}
 
 
 def test_overlays_show_outline_heat_map_and_warning(tmp_path: Path) -> None:
@@ -462,7 +534,7 @@ def test_analyze_cli_writes_the_objects(tmp_path: Path, untrained_models: Path,
                  str(untrained_models)]) == 0
     summary = json.loads(capsys.readouterr().out)
     written = [out / p for p in summary["dicom_objects"]]
-    assert {p.parent.name for p in written} == {"seg", "sc", "sr"}
+    assert {p.parent.name for p in written} == {"seg", "sc", "sr", "ko"}
     assert sorted(written) == sorted(p for p in out.rglob("*.dcm"))
     for path in written:
         dciodvfy(path)
@@ -486,10 +558,14 @@ def test_multi_frame_source_round_trip(tmp_path: Path) -> None:
         lung=truth["lung"], lesion=truth["lesion"], slice_probabilities=np.zeros(12),
         attention=[np.zeros((12, 8, 8), np.float32)] * 4, probability=0.8, positive=True,
         model_version="test-1", seconds=0.0)
-    results = build_results(volume, result, ResultsSettings(sr={"source_references":
-                                                                "images"}))
+    results = build_results(volume, result, ResultsSettings())
     for path in results.write(tmp_path / "out"):
         dciodvfy(path)
+    # The SR's image regions name the frame of the multi-frame CT they lie on.
+    regions = [i for i in sr_items(results.sr[0]) if i.ValueType == "SCOORD"]
+    assert regions and all(
+        "ReferencedFrameNumber" in r.ContentSequence[0].ReferencedSOPSequence[0]
+        for r in regions)
     seg = hd.seg.Segmentation.from_dataset(results.seg[0])
     masks = seg.get_pixels_by_source_frame(volume.sop_instance_uids[0],
                                            source_frame_numbers=volume.frame_numbers,

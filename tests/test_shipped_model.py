@@ -70,5 +70,5 @@ def test_analyze_prints_a_sensible_summary(tmp_path: Path) -> None:
     assert summary["slices"] == case.slices
     assert 0 < summary["lesion_volume_ml"] < summary["lung_volume_ml"]
     assert 0 < summary["involvement_percent"] < 100
-    for kind in ("seg", "sc", "sr"):
+    for kind in ("seg", "sc", "sr", "ko"):
         assert list((out / kind).glob("*.dcm")), kind

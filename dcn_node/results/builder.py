@@ -1,6 +1,7 @@
-"""From one analysis to the objects a radiologist finds in the study: SEG, SCs, SR.
+"""From one analysis to the objects a radiologist finds in the study: SEG, SCs, SR, KOS.
 
-``build_results`` encodes; ``ResultSet.write`` stores them as ``seg/``, ``sc/``, ``sr/`` with
+``build_results`` encodes; ``ResultSet.write`` stores them as ``seg/``, ``sc/``, ``sr/``,
+``ko/`` with
 the SOP Instance UID as file name, each through a temporary file renamed into place, so a
 reader (the sender) never sees half a file.
 """
@@ -18,6 +19,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from dcn_node.config import ResultsSettings
+from dcn_node.results.ko import build_key_images
 from dcn_node.results.sc import build_overlays
 from dcn_node.results.seg import build_segmentation
 from dcn_node.results.sr import build_report
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 #: The object kinds, also the names of the folders they are written to.
-KINDS = ("seg", "sc", "sr")
+KINDS = ("seg", "sc", "sr", "ko")
 
 
 @dataclass
@@ -39,14 +41,15 @@ class ResultSet:
     seg: list[Dataset] = field(default_factory=list)
     sc: list[Dataset] = field(default_factory=list)
     sr: list[Dataset] = field(default_factory=list)
+    ko: list[Dataset] = field(default_factory=list)
 
     def by_kind(self) -> dict[str, list[Dataset]]:
-        return {"seg": self.seg, "sc": self.sc, "sr": self.sr}
+        return {"seg": self.seg, "sc": self.sc, "sr": self.sr, "ko": self.ko}
 
     def write(self, out_dir: Path) -> list[Path]:
         """Write ``out_dir/<kind>/<SOPInstanceUID>.dcm`` for every object, atomically.
 
-        Returns the paths written, SEG first, then SCs, then SRs. An existing file of the
+        Returns the paths written, SEG first, then SCs, SRs and the KOS. An existing file of the
         same name (an earlier run of the same model on the same series) is replaced.
 
         Raises
@@ -98,6 +101,8 @@ def build_results(volume: Volume, result: AnalysisResult, settings: ResultsSetti
         results.sc.extend(build_overlays(volume, result, settings))
     if settings.sr.enabled:
         results.sr.append(build_report(volume, result, settings, seg))
-    LOGGER.info("Series %s: %d SEG, %d SC, %d SR built", volume.series_instance_uid,
-                len(results.seg), len(results.sc), len(results.sr))
+    if settings.ko.enabled:  # after the SCs, which it names among the key images
+        results.ko.append(build_key_images(volume, result, settings, results.sc))
+    LOGGER.info("Series %s: %d SEG, %d SC, %d SR, %d KOS built", volume.series_instance_uid,
+                len(results.seg), len(results.sc), len(results.sr), len(results.ko))
     return results

@@ -47,6 +47,15 @@ LUNG = codes.SCT.Lung  # 39607008
 MORPHOLOGICALLY_ABNORMAL = codes.SCT.MorphologicallyAbnormalStructure  # 49755003
 ANATOMICAL_STRUCTURE = codes.SCT.AnatomicalStructure  # 91723000
 VOLUME = codes.SCT.Volume  # 118565006
+#: The same concept, named for what it measures where a viewer lists it without context.
+LESION_VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume of lesions")
+LUNG_VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume of lungs")
+AREA = codes.SCT.Area  # 42798000
+#: CT attenuation, the mean over a region (TID 1419 with a derivation).
+ATTENUATION = codes.DCM.AttenuationCoefficient  # 112031
+MEAN = codes.SCT.Mean  # 373098007
+LEFT_LUNG = hd.sr.CodedConcept("44029006", "SCT", "Left lung")
+RIGHT_LUNG = hd.sr.CodedConcept("3341006", "SCT", "Right lung")
 PROBABILITY = codes.DCM.Probability  # 122157
 PRESENT = codes.SCT.Present  # 52101004
 ABSENT = codes.SCT.Absent  # 272519000
@@ -57,6 +66,8 @@ ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # 123110
 UNIT_ONE = codes.UCUM.NoUnits  # "1"
 UNIT_ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 UNIT_PERCENT = codes.UCUM.Percent  # "%"
+UNIT_MM2 = codes.UCUM.SquareMillimeter  # "mm2"
+UNIT_HU = codes.UCUM.HounsfieldUnit  # "[hnsf'U]"
 UNIT_SLICES = hd.sr.CodedConcept("{slices}", "UCUM", "slices")
 #: IHE AI Results: Contributing Equipment purpose of the algorithm.
 PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
@@ -125,13 +136,13 @@ def device_uid(settings: ResultsSettings, model_version: str) -> str:
     ))
 
 
-def source_header(volume: Volume) -> Dataset:
-    """The first slice's header, with any missing type-2 patient/study attribute added empty.
+def source_header(volume: Volume, index: int = 0) -> Dataset:
+    """Slice ``index``'s header, with any missing type-2 patient/study attribute added empty.
 
     highdicom reads these from the source; a slightly malformed CT (no StudyID, say) is
     still accepted, as the receiver accepted it.
     """
-    header = copy.deepcopy(volume.source_datasets[0])
+    header = copy.deepcopy(volume.source_datasets[index])
     missing = [k for k in _TYPE2_PATIENT_STUDY if k not in header]
     for keyword in missing:
         setattr(header, keyword, None)

@@ -1,62 +1,46 @@
-"""Burned-in text for the overlay images, with no imaging library at run time.
+"""Burned-in text for the overlay images: Pillow's FreeType rendering of DejaVu Sans.
 
-The glyphs (printable ASCII) of DejaVu Sans and DejaVu Sans Bold at two pixel sizes are kept
-as anti-aliased coverage bitmaps in :mod:`dcn_node.results._font_data` (4-bit coverage, zlib,
-base64). ``python -m dcn_node.results.font`` regenerates that module from the TrueType files
-shipped with matplotlib (needs the ``test`` extra: matplotlib and Pillow). DejaVu fonts are
-free to use and redistribute (Bitstream Vera licence plus public-domain changes).
+The TrueType files are the ones matplotlib ships (``mpl-data/fonts/ttf``), found through
+matplotlib's font manager, so no system font package is needed. DejaVu fonts are free to use
+and redistribute (Bitstream Vera licence plus public-domain changes). Any Unicode text the
+font covers is drawn (patient-facing text is never burned in; this is for numbers and
+labels).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
-#: Pixel sizes available (font size in points at 72 dpi = pixels).
-SIZES = (16, 24)
-_FIRST, _LAST = 32, 126
+from matplotlib import font_manager
+from PIL import Image, ImageDraw, ImageFont
 
 
 @dataclass(frozen=True)
 class Glyphs:
-    """One font at one size: coverage cells (0..1) and advance widths."""
+    """One font at one pixel size: its line height and text widths."""
 
+    font: ImageFont.FreeTypeFont
     height: int
-    advances: tuple[int, ...]
-    cells: tuple[np.ndarray, ...]  # float32 (height, advance + 4), drawn 1 px right of x
 
     def width(self, text: str) -> int:
-        return sum(self.advances[self._index(ch)] for ch in text)
-
-    @staticmethod
-    def _index(ch: str) -> int:
-        code = ord(ch)
-        return code - _FIRST if _FIRST <= code <= _LAST else ord("?") - _FIRST
+        return int(np.ceil(self.font.getlength(text)))
 
 
 @functools.cache
 def glyphs(size: int, bold: bool = False) -> Glyphs:
-    """The glyph set for ``size`` pixels (one of :data:`SIZES`)."""
-    from dcn_node.results._font_data import ATLAS
-
-    height, advances, blob = ATLAS[(size, bold)]
-    strip = np.frombuffer(zlib.decompress(base64.b64decode(blob)), np.uint8)
-    strip = strip.reshape(height, -1).astype(np.float32) / 15.0
-    cells, x = [], 0
-    for advance in advances:
-        cells.append(strip[:, x:x + advance + 4])
-        x += advance + 4
-    return Glyphs(height, tuple(advances), tuple(cells))
+    """DejaVu Sans (Bold) at ``size`` pixels."""
+    path = font_manager.findfont(font_manager.FontProperties(
+        family="DejaVu Sans", weight="bold" if bold else "normal"), fallback_to_default=False)
+    font = ImageFont.truetype(path, size)
+    ascent, descent = font.getmetrics()
+    return Glyphs(font, ascent + descent)
 
 
 def pick_size(canvas_width: int) -> int:
     """The text size that reads well on a canvas this wide (about 1/32 of the width)."""
-    return SIZES[0] if canvas_width < 900 else SIZES[1]
+    return max(12, round(canvas_width / 32))
 
 
 def draw_text(
@@ -66,81 +50,18 @@ def draw_text(
     text: str,
     color: tuple[int, int, int],
     *,
-    size: int = SIZES[0],
+    size: int = 16,
     bold: bool = False,
     shadow: bool = False,
 ) -> int:
-    """Blend ``text`` into the RGB uint8 ``canvas`` with its top-left corner at (x, y).
-
-    Characters outside printable ASCII are drawn as ``?``; what falls outside the canvas
-    is clipped. ``shadow`` draws a dark halo first, for text over an image. Returns the
-    width of the text in pixels.
-    """
+    """Draw ``text`` into the RGB uint8 ``canvas`` (in place) with its top-left corner at
+    (x, y); what falls outside is clipped. ``shadow`` draws a dark halo first, for text over
+    an image. Returns the width of the text in pixels."""
     font = glyphs(size, bold)
-    if shadow:
-        for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1), (1, 1)):
-            _blend_text(canvas, x + dx, y + dy, text, (0, 0, 0), font)
-    return _blend_text(canvas, x, y, text, color, font)
-
-
-def _blend_text(canvas: np.ndarray, x: int, y: int, text: str,
-                color: tuple[int, int, int], font: Glyphs) -> int:
-    rows, columns = canvas.shape[:2]
-    rgb = np.asarray(color, np.float32)
-    start = x
-    for ch in text:
-        index = Glyphs._index(ch)
-        cell = font.cells[index]
-        x0, y0 = x - 1, y
-        r0, c0 = max(0, -y0), max(0, -x0)
-        r1, c1 = min(cell.shape[0], rows - y0), min(cell.shape[1], columns - x0)
-        if r1 > r0 and c1 > c0:
-            alpha = cell[r0:r1, c0:c1, None]
-            region = canvas[y0 + r0:y0 + r1, x0 + c0:x0 + c1]
-            region[...] = np.rint(region * (1 - alpha) + rgb * alpha).astype(np.uint8)
-        x += font.advances[index]
-    return x - start
-
-
-def _generate() -> str:  # pragma: no cover - developer tool
-    """Render the atlas module's source from matplotlib's DejaVu TrueType files."""
-    import matplotlib
-    from PIL import Image, ImageDraw, ImageFont
-
-    ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    lines = [
-        '"""Generated by ``python -m dcn_node.results.font``: DejaVu Sans glyph coverage."""',
-        "",
-        "# (size, bold): (height, advances, base64(zlib(4-bit coverage strip)))",
-        "ATLAS: dict[tuple[int, bool], tuple[int, tuple[int, ...], bytes]] = {",
-    ]
-    for size in SIZES:
-        for bold in (False, True):
-            font = ImageFont.truetype(str(ttf / ("DejaVuSans-Bold.ttf" if bold
-                                                 else "DejaVuSans.ttf")), size)
-            ascent, descent = font.getmetrics()
-            height = ascent + descent
-            cells, advances = [], []
-            for code in range(_FIRST, _LAST + 1):
-                advance = int(round(font.getlength(chr(code))))
-                image = Image.new("L", (advance + 4, height), 0)
-                ImageDraw.Draw(image).text((1, 0), chr(code), font=font, fill=255)
-                cells.append(np.rint(np.asarray(image, np.float32) / 17).astype(np.uint8))
-                advances.append(advance)
-            blob = base64.b64encode(zlib.compress(np.concatenate(cells, 1).tobytes(), 9))
-            lines.append(f"    ({size}, {bold}): ({height}, (")
-            for i in range(0, len(advances), 20):
-                lines.append("        " + ", ".join(map(str, advances[i:i + 20])) + ",")
-            lines.append("    ), (")
-            text = blob.decode()
-            for i in range(0, len(text), 88):
-                lines.append(f'        b"{text[i:i + 88]}"')
-            lines.append("    )),")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    target = Path(__file__).with_name("_font_data.py")
-    target.write_text(_generate())
-    print(f"wrote {target}")
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    halo = max(1, size // 12) if shadow else 0
+    draw.text((x, y), text, fill=tuple(color), font=font.font, stroke_width=halo,
+              stroke_fill=(0, 0, 0))
+    canvas[...] = np.asarray(image)
+    return font.width(text)

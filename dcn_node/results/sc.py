@@ -7,6 +7,12 @@ attention map of one lesion-attention module as a translucent heat map with its 
 orientation letters and burned-in text: the patient-level probability and finding, the slice
 position, and "AI result - not for diagnostic use". No patient name is burned in (the
 header carries the patient). BurnedInAnnotation is YES; RGB images carry no VOI LUT.
+
+The text sits in a panel *below* the image, clear of the corners: viewers draw their own
+overlays over the top of the viewport (OHIF's cine controls, date and series description)
+and its bottom corners (window, image number), and text burned in there is hidden. Text is
+Pillow's rendering of DejaVu Sans (``font``); the heat map colours are matplotlib's
+perceptually uniform ``inferno`` map.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import highdicom as hd
+import matplotlib
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -40,18 +47,14 @@ NEGATIVE_RGB = (120, 220, 120)
 #: Attention below this fraction of the scale is not tinted; above, opacity ramps up.
 HEAT_FLOOR = 0.15
 
-# Heat map colours: a perceptual ramp from dark violet through red and orange to yellow.
-_HEAT_ANCHORS = np.array([
-    (0.00, 40, 10, 120), (0.25, 130, 20, 150), (0.50, 220, 40, 70),
-    (0.75, 255, 140, 20), (1.00, 255, 240, 60),
-], dtype=np.float32)
+#: The heat map's colour map (dark violet through red and orange to pale yellow).
+HEAT_COLORMAP = "inferno"
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] to RGB float32 in [0, 255]."""
-    v = np.clip(values, 0, 1)
-    return np.stack([np.interp(v, _HEAT_ANCHORS[:, 0], _HEAT_ANCHORS[:, c])
-                     for c in (1, 2, 3)], axis=-1).astype(np.float32)
+    colormap = matplotlib.colormaps[HEAT_COLORMAP]
+    return (colormap(np.clip(values, 0, 1))[..., :3] * 255).astype(np.float32)
 
 
 def attention_map(result: AnalysisResult, module: int) -> np.ndarray | None:
@@ -153,33 +156,60 @@ def _slice_label(volume: Volume, index: int) -> str:
 
 @dataclass(frozen=True)
 class OverlayLayout:
-    """Where the CT image sits in an overlay: ``canvas[header:header + height, :width]``,
-    each CT pixel drawn as ``scale`` x ``scale`` pixels."""
+    """Where things sit in an overlay: the CT image in ``canvas[:height, :width]``, each CT
+    pixel drawn as ``scale`` x ``scale`` pixels; the colour bar right of it (``panel`` wide);
+    below, text lines of ``line`` pixels from ``text_top``, the heat-map legend on line 3;
+    then a blank margin, where viewers put their corner overlays."""
 
     scale: int
-    header: int
     height: int
     width: int
+    panel: int
+    size: int
+    line: int
+    text_top: int
+    canvas_height: int
+
+    def text_y(self, line_number: int) -> int:
+        return self.text_top + line_number * self.line
+
+    @property
+    def legend_rows(self) -> tuple[int, int]:
+        return self.text_y(3), self.text_y(4)
+
+
+#: Text lines below the image, then blank lines under them for the viewer's overlays.
+TEXT_LINES, BLANK_LINES = 5, 2
 
 
 def overlay_layout(volume: Volume, settings: ResultsSettings) -> OverlayLayout:
     rows, columns = volume.hu.shape[1:]
     scale = max(1, math.ceil(settings.sc.min_image_size / max(rows, columns)))
-    line = glyphs(pick_size(columns * scale)).height + 4
-    return OverlayLayout(scale, 4 * line + line // 2, rows * scale, columns * scale)
+    height, width = rows * scale, columns * scale
+    size = pick_size(width)
+    line = glyphs(size).height + max(2, size // 5)
+    text_top = height + line // 2
+    return OverlayLayout(scale=scale, height=height, width=width, panel=6 * size, size=size,
+                         line=line, text_top=text_top,
+                         canvas_height=text_top + (TEXT_LINES + BLANK_LINES) * line)
+
+
+def _fit(text: str, size: int, room: int, *, bold: bool = False) -> str:
+    """``text`` shortened with an ellipsis to fit ``room`` pixels."""
+    while glyphs(size, bold).width(text) > room and len(text) > 8:
+        text = text[:-5].rstrip() + "..."
+    return text
 
 
 def render_overlay(volume: Volume, result: AnalysisResult, index: int,
                    settings: ResultsSettings) -> np.ndarray:
-    """The RGB uint8 overlay of slice ``index``: header text, image, colour bar, footer."""
+    """The RGB uint8 overlay of slice ``index``: image, colour bar, text panel below."""
     sc = settings.sc
     layout = overlay_layout(volume, settings)
-    scale, header, height, width = layout.scale, layout.header, layout.height, layout.width
-    size = pick_size(width)
-    line = glyphs(size).height + 4
-    pad = line // 2
-    footer, panel = line + pad, 6 * size
-    canvas = np.zeros((header + height + footer, width + panel, 3), np.uint8)
+    scale, height, width, size = layout.scale, layout.height, layout.width, layout.size
+    canvas = np.zeros((layout.canvas_height, width + layout.panel, 3), np.uint8)
+    margin = layout.line // 2
+    room = canvas.shape[1] - 2 * margin
 
     # The CT in the lung window.
     low = sc.window_center - sc.window_width / 2
@@ -205,31 +235,31 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
         thickness = max(2, round(width / 300))
         outline = ndimage.binary_dilation(lesion, iterations=thickness) & ~lesion
         image[outline] = OUTLINE_RGB
-    canvas[header:header + height, :width] = np.rint(image).astype(np.uint8)
+    canvas[:height, :width] = np.rint(image).astype(np.uint8)
 
-    # Orientation letters on the image edges.
+    # Orientation letters on the left and bottom edges (the top is under viewer controls).
     row_dir, col_dir = common.patient_orientation(volume)
     opposite = str.maketrans("LRAPHF", "RLPAFH")
-    left, top_letter = row_dir.translate(opposite), col_dir.translate(opposite)
-    draw_text(canvas, 6, header + height // 2 - line // 2, left, TEXT_RGB, size=size,
+    left = row_dir.translate(opposite)
+    draw_text(canvas, 6, height // 2 - layout.line // 2, left, TEXT_RGB, size=size,
               bold=True, shadow=True)
-    draw_text(canvas, width // 2 - size // 2, header + 4, top_letter, TEXT_RGB, size=size,
-              bold=True, shadow=True)
+    draw_text(canvas, width // 2 - size // 2, height - layout.line - 2, col_dir, TEXT_RGB,
+              size=size, bold=True, shadow=True)
 
-    # Header: the patient-level result, the slice, the legend.
+    # Text panel: the patient-level result, the lesions, the slice, the legend, the warning.
     threshold = common.decision_threshold(settings, result)
     if result.assessable:
         positive = result.probability >= threshold
-        x = pad + draw_text(canvas, pad, pad // 2,
-                            f"COVID-19 probability {result.probability:.2f} - ", TEXT_RGB,
-                            size=size, bold=True)
-        draw_text(canvas, x, pad // 2,
+        x = margin + draw_text(canvas, margin, layout.text_y(0),
+                               f"COVID-19 probability {result.probability:.2f} - ", TEXT_RGB,
+                               size=size, bold=True)
+        draw_text(canvas, x, layout.text_y(0),
                   f"{'POSITIVE' if positive else 'negative'} at threshold {threshold:.2f}",
                   POSITIVE_RGB if positive else NEGATIVE_RGB, size=size, bold=True)
     else:  # the quality gate's reason instead of a probability
         reason = result.quality.reason.value.replace("_", " ")  # type: ignore[union-attr]
-        draw_text(canvas, pad, pad // 2, f"NOT ASSESSABLE: {reason}", WARNING_RGB, size=size,
-                  bold=True)
+        draw_text(canvas, margin, layout.text_y(0), f"NOT ASSESSABLE: {reason}", WARNING_RGB,
+                  size=size, bold=True)
     lesion_ml = float(np.count_nonzero(result.lesion)) * volume.voxel_volume_ml
     lung_ml = float(np.count_nonzero(result.lung)) * volume.voxel_volume_ml
     with_lesions = int(np.count_nonzero(result.lesion.any(axis=(1, 2))))
@@ -237,33 +267,28 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
               f"the lungs ({lung_ml:.0f} ml), on {with_lesions} slices")
     if not result.assessable:
         second = result.quality.detail  # type: ignore[union-attr]
-        while glyphs(size).width(second) > canvas.shape[1] - 2 * pad and len(second) > 8:
-            second = second[:-5].rstrip() + "..."
-    draw_text(canvas, pad, pad // 2 + line, second,
+    draw_text(canvas, margin, layout.text_y(1), _fit(second, size, room),
               WARNING_RGB if not result.assessable else TEXT_RGB, size=size)
     area_cm2 = float(result.lesion[index].sum()) * volume.pixel_spacing[0] \
         * volume.pixel_spacing[1] / 100.0
     detail = f"{_slice_label(volume, index)}: lesion {area_cm2:.1f} cm2"
     if len(result.slice_probabilities) > index:
         longer = f"{detail}, slice prob. {float(result.slice_probabilities[index]):.2f}"
-        if glyphs(size).width(longer) <= canvas.shape[1] - 2 * pad:
+        if glyphs(size).width(longer) <= room:
             detail = longer
-    draw_text(canvas, pad, pad // 2 + 2 * line, detail, TEXT_RGB, size=size)
-    x = pad + draw_text(canvas, pad, pad // 2 + 3 * line, "outline: lesion", OUTLINE_RGB,
-                        size=size)
+    draw_text(canvas, margin, layout.text_y(2), _fit(detail, size, room), TEXT_RGB, size=size)
+    x = margin + draw_text(canvas, margin, layout.text_y(3), "outline: lesion", OUTLINE_RGB,
+                           size=size)
     if attention is not None and sc.heatmap_opacity > 0:
-        draw_text(canvas, x, pad // 2 + 3 * line, "   " + heat_legend(sc), TEXT_RGB,
-                  size=size)
+        draw_text(canvas, x, layout.text_y(3), "   " + heat_legend(sc), TEXT_RGB, size=size)
+    draw_text(canvas, margin, layout.text_y(4),
+              _fit(f"{common.NOT_FOR_DIAGNOSIS.upper()}   model {result.model_version}", size,
+                   room, bold=True), WARNING_RGB, size=size, bold=True)
 
     # Colour bar, right of the image.
     if attention is not None and sc.heatmap_opacity > 0:
-        _colour_bar(canvas, width, header, height, panel, size, top,
+        _colour_bar(canvas, width, 0, height, layout.panel, size, top,
                     "prob." if sc.heatmap == "lesion_probability" else "attn.")
-
-    # Footer.
-    draw_text(canvas, pad, header + height + pad // 2,
-              f"{common.NOT_FOR_DIAGNOSIS.upper()}   model {result.model_version}",
-              WARNING_RGB, size=size, bold=True)
     return canvas
 
 

@@ -1,18 +1,21 @@
 """The measurement report: a Comprehensive 3D SR with a TID 1500 Measurement Report.
 
 The observer is the algorithm (a device observer context with the Device UID of the model
-version). The report holds, in the order a reader needs them:
+version). Every measurement group is a TID 1410 planar ROI group with an image region on a CT
+slice: viewers show a measurement where its region lies, and OHIF shows no group without one
+(see ``regions``). The report holds, in the order a reader needs them:
 
-1. *COVID-19 assessment* (TID 1501): the patient-level probability (0-1, UCUM "1") and the
-   finding at the configured threshold as a qualitative evaluation (COVID-19 = Present or
-   Absent), with the algorithm and its threshold.
-2. *COVID-19 lesions* (TID 1411): lesion volume (ml), percentage of the lung volume with
-   lesions, number of slices with lesions, tied to SEG segment 1 and its source images.
-3. *Lungs* (TID 1411): lung volume (ml), tied to SEG segment 2.
+1. *COVID-19 assessment*: the patient-level probability (0-1, UCUM "1") and the finding at
+   the configured threshold as a qualitative evaluation (COVID-19 = Present or Absent, or
+   Undetermined with the reason when the quality gate finds the series not assessable), the
+   lesion and lung volumes (ml), the percentage of the lung volume with lesions and the number
+   of slices with lesions; its region is the rectangle around the lungs on the slice with the
+   largest lesion area.
+2. *Lesion 1..n* (the largest 3D connected lesions, ``sr.lesion_regions`` at most): the
+   outline on the slice where the lesion is largest, its area and mean attenuation there
+   (HU), its volume, and the lung it lies in (left or right).
 
-Without a SEG (or without its lung segment) the affected groups are TID 1501 groups with the
-same measurements and no segment reference. Source images are named as the CT series
-(``sr.source_references: series``, one line in a text viewer) or instance by instance.
+The voxels themselves are in the SEG, named in the evidence.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pydicom.valuerep import DS
 
 from dcn_node.config import ResultsSettings
 from dcn_node.results import common
-from dcn_node.results.seg import LESION_SEGMENT, LUNG_SEGMENT
+from dcn_node.results.regions import LesionRegion, assessment_slice, lesion_regions, lung_rectangle
 from dcn_node.volume import Volume
 
 if TYPE_CHECKING:
@@ -65,54 +68,22 @@ def _observation_context(settings: ResultsSettings, model_version: str
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
 
 
-def _source_images_for_segmentation(volume: Volume) -> list[hd.sr.SourceImageForSegmentation]:
+def _region(volume: Volume, index: int, points: np.ndarray) -> hd.sr.ImageRegion:
+    """A closed polyline on CT slice ``index`` (its frame, for a multi-frame source)."""
+    ds = volume.source_datasets[index]
     multiframe = len(set(volume.sop_instance_uids)) < len(volume.sop_instance_uids)
-    return [
-        hd.sr.SourceImageForSegmentation(
-            ds.SOPClassUID, ds.SOPInstanceUID,
-            referenced_frame_numbers=sorted(volume.frame_numbers) if multiframe else None)
-        for ds in common.unique_sources(volume)
-    ]
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            ds.SOPClassUID, volume.sop_instance_uids[index],
+            referenced_frame_numbers=[volume.frame_numbers[index]] if multiframe else None))
 
 
-def _source_images_for_group(volume: Volume) -> list[hd.sr.SourceImageForMeasurementGroup]:
-    multiframe = len(set(volume.sop_instance_uids)) < len(volume.sop_instance_uids)
-    return [
-        hd.sr.SourceImageForMeasurementGroup(
-            ds.SOPClassUID, ds.SOPInstanceUID,
-            referenced_frame_numbers=sorted(volume.frame_numbers) if multiframe else None)
-        for ds in common.unique_sources(volume)
-    ]
-
-
-def _group(volume: Volume, settings: ResultsSettings, result: AnalysisResult,
-           seg: Dataset | None, segment: int | None, name: str, tracking_kind: str,
-           **content: object) -> (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-                                  | hd.sr.MeasurementsAndQualitativeEvaluations):
-    """One measurement group: volumetric (tied to a SEG segment) when there is one."""
-    tracking = hd.sr.TrackingIdentifier(
-        uid=common.result_uid(settings, volume, result.model_version, "tracking",
-                              tracking_kind),
+def _tracking(settings: ResultsSettings, volume: Volume, result: AnalysisResult, name: str,
+              kind: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=common.result_uid(settings, volume, result.model_version, "tracking", kind),
         identifier=name)
-    by_images = settings.sr.source_references == "images"
-    if seg is not None and segment is not None:
-        referenced = hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID,
-            sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=segment,
-            source_images=_source_images_for_segmentation(volume) if by_images else None,
-            source_series=None if by_images else hd.sr.SourceSeriesForSegmentation(
-                volume.series_instance_uid),
-        )
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking, referenced_segment=referenced,
-            algorithm_id=_algorithm(result, settings, full=False),
-            **content)  # type: ignore[arg-type]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        algorithm_id=_algorithm(result, settings, full=tracking_kind == "assessment"),
-        source_images=_source_images_for_group(volume) if by_images else None,
-        **content)  # type: ignore[arg-type]
 
 
 def _count(name: hd.sr.CodedConcept, value: int, unit: hd.sr.CodedConcept
@@ -138,56 +109,82 @@ def measurements(volume: Volume, result: AnalysisResult) -> dict[str, float | in
     }
 
 
-def build_report(volume: Volume, result: AnalysisResult, settings: ResultsSettings,
-                 seg: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 report of ``result``; ``seg`` is the SEG its volumes are tied to."""
-    version = result.model_version
-    values = measurements(volume, result)
-    lung_site = [hd.sr.FindingSite(common.LUNG)]
+def _assessment_group(volume: Volume, result: AnalysisResult, settings: ResultsSettings,
+                      values: dict[str, float | int]
+                      ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     if result.assessable:
         present = values["probability"] >= common.decision_threshold(settings, result)
-        probability = [hd.sr.Measurement(name=common.PROBABILITY, value=values["probability"],
-                                         unit=common.UNIT_ONE)]
+        numbers = [hd.sr.Measurement(name=common.PROBABILITY, value=values["probability"],
+                                     unit=common.UNIT_ONE)]
         evaluations = [hd.sr.QualitativeEvaluation(
             name=common.COVID19, value=common.PRESENT if present else common.ABSENT)]
     else:  # the quality gate: no probability, the finding undetermined, and why
         reason = result.quality.reason.value  # type: ignore[union-attr]
-        probability = []
+        numbers = []
         evaluations = [
             hd.sr.QualitativeEvaluation(name=common.COVID19, value=common.UNDETERMINED),
             hd.sr.QualitativeEvaluation(name=common.NOT_ASSESSABLE_REASON,
                                         value=common.NOT_ASSESSABLE_REASONS[reason]),
         ]
-    assessment = _group(
-        volume, settings, result, None, None, "COVID-19 assessment", "assessment",
-        finding_type=common.COVID19, finding_sites=lung_site,
-        measurements=probability or None, qualitative_evaluations=evaluations,
+    numbers += [
+        hd.sr.Measurement(name=common.LUNG_INVOLVEMENT, value=values["involvement_percent"],
+                          unit=common.UNIT_PERCENT),
+        hd.sr.Measurement(name=common.LESION_VOLUME, value=values["lesion_ml"],
+                          unit=common.UNIT_ML),
+        hd.sr.Measurement(name=common.LUNG_VOLUME, value=values["lung_ml"],
+                          unit=common.UNIT_ML),
+        _count(common.SLICES_WITH_LESIONS, int(values["slices_with_lesions"]),
+               common.UNIT_SLICES),
+    ]
+    index = assessment_slice(result.lesion, result.lung)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(settings, volume, result, "COVID-19 assessment",
+                                      "assessment"),
+        referenced_region=_region(volume, index, lung_rectangle(result.lung, index)),
+        finding_type=common.COVID19, finding_sites=[hd.sr.FindingSite(common.LUNG)],
+        algorithm_id=_algorithm(result, settings),
+        measurements=numbers, qualitative_evaluations=evaluations,
     )
-    lesions = _group(
-        volume, settings, result, seg, LESION_SEGMENT, "COVID-19 lesions", "lesion",
+
+
+def _lesion_group(volume: Volume, result: AnalysisResult, settings: ResultsSettings,
+                  number: int, region: LesionRegion
+                  ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    site = common.LEFT_LUNG if region.side == "left" else common.RIGHT_LUNG
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(settings, volume, result, f"Lesion {number}",
+                                      f"lesion-{number}"),
+        referenced_region=_region(volume, region.slice_index, region.outline),
         finding_type=common.LESION, finding_category=common.MORPHOLOGICALLY_ABNORMAL,
-        finding_sites=lung_site,
+        finding_sites=[hd.sr.FindingSite(site)],
+        algorithm_id=_algorithm(result, settings, full=False),
         measurements=[
-            hd.sr.Measurement(name=common.VOLUME, value=values["lesion_ml"],
+            hd.sr.Measurement(name=common.AREA, value=round(region.area_mm2, 1),
+                              unit=common.UNIT_MM2),
+            hd.sr.Measurement(name=common.ATTENUATION, value=round(region.mean_hu, 1),
+                              unit=common.UNIT_HU, derivation=common.MEAN),
+            hd.sr.Measurement(name=common.VOLUME,
+                              value=round(region.voxels * volume.voxel_volume_ml, 2),
                               unit=common.UNIT_ML),
-            hd.sr.Measurement(name=common.LUNG_INVOLVEMENT,
-                              value=values["involvement_percent"], unit=common.UNIT_PERCENT),
-            _count(common.SLICES_WITH_LESIONS, int(values["slices_with_lesions"]),
-                   common.UNIT_SLICES),
         ],
     )
-    lung_in_seg = seg is not None and settings.seg.include_lung
-    lungs = _group(
-        volume, settings, result, seg if lung_in_seg else None,
-        LUNG_SEGMENT if lung_in_seg else None, "Lungs", "lung",
-        finding_type=common.LUNG, finding_category=common.ANATOMICAL_STRUCTURE,
-        measurements=[hd.sr.Measurement(name=common.VOLUME, value=values["lung_ml"],
-                                        unit=common.UNIT_ML)],
-    )
+
+
+def build_report(volume: Volume, result: AnalysisResult, settings: ResultsSettings,
+                 seg: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 report of ``result``; ``seg``, the SEG of the same result, is named in
+    the evidence."""
+    version = result.model_version
+    values = measurements(volume, result)
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [
+        _assessment_group(volume, result, settings, values)]
+    regions = lesion_regions(volume, result.lesion, result.lung, settings.sr.lesion_regions)
+    groups += [_lesion_group(volume, result, settings, number, region)
+               for number, region in enumerate(regions, start=1)]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(settings, version),
         procedure_reported=common.CT_CHEST,
-        imaging_measurements=[assessment, lesions, lungs],
+        imaging_measurements=groups,
     )
     header = common.source_header(volume)
     evidence = [header, *common.unique_sources(volume)]
@@ -211,8 +208,8 @@ def build_report(volume: Volume, result: AnalysisResult, settings: ResultsSettin
         **common.equipment_kwargs(settings, version, volume),  # type: ignore[arg-type]
     )
     common.finish(sr, settings, volume)
-    LOGGER.info("SR %s for series %s: %s, lesions %.1f ml", sr.SOPInstanceUID,
-                volume.series_instance_uid,
+    LOGGER.info("SR %s for series %s: %s, lesions %.1f ml, %d lesion region(s)",
+                sr.SOPInstanceUID, volume.series_instance_uid,
                 f"probability {values['probability']:.3f}" if result.assessable
-                else "not assessable", values["lesion_ml"])
+                else "not assessable", values["lesion_ml"], len(regions))
     return sr

@@ -1,0 +1,112 @@
+"""Where on the CT a finding is: the image regions the SR's measurement groups point at.
+
+A viewer shows a TID 1500 measurement where its image region lies (OHIF draws it on that
+slice and lists its numbers; a group without one is not shown at all). So each group gets a
+2D region on one CT slice:
+
+* the lesions, one by one: each 3D connected lesion is outlined on its *key slice*, the slice
+  where its cross-section is largest, as a closed polygon (contourpy's marching squares);
+* the patient-level assessment: the rectangle around both lungs on the slice with the largest
+  lesion area (or the most lung when there is none).
+
+Coordinates are SCOORD image coordinates (column, row) with the top-left corner of the first
+pixel at (0, 0), so a pixel centre is at (column + 0.5, row + 0.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import contourpy
+import numpy as np
+from scipy import ndimage
+
+from dcn_node.volume import Volume
+
+#: Outlines longer than this are thinned evenly (a viewer draws them as they are).
+MAX_OUTLINE_POINTS = 256
+
+
+@dataclass(frozen=True)
+class LesionRegion:
+    """One 3D connected lesion and its outline on its key slice."""
+
+    slice_index: int
+    outline: np.ndarray  # (n, 2) float32 (column, row), closed: first point == last
+    voxels: int
+    area_mm2: float  # of the lesion on the key slice
+    mean_hu: float  # on the key slice, inside the lesion
+    side: str  # "left" or "right" (the patient's), from the centre between the lungs
+
+
+def patient_x(volume: Volume, index: int, column: float, row: float) -> float:
+    """The patient x (LPS: + is the patient's left) of an image point on slice ``index``."""
+    ds = volume.source_datasets[index]
+    iop = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
+    ipp = np.asarray(ds.get("ImagePositionPatient", [0, 0, 0]), float)
+    row_spacing, column_spacing = volume.pixel_spacing
+    return float(ipp[0] + iop[0] * column * column_spacing + iop[3] * row * row_spacing)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The closed outline (column, row) of the largest connected piece of a 2D mask."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    lines = contourpy.contour_generator(z=padded, line_type="Separate").lines(0.5)
+    longest = max(lines, key=len)  # the outer boundary of the largest piece
+    if len(longest) > MAX_OUTLINE_POINTS:
+        keep = np.linspace(0, len(longest) - 1, MAX_OUTLINE_POINTS).round().astype(int)
+        longest = longest[keep]
+    points = np.asarray(longest, dtype=np.float32) - 1 + 0.5  # unpad; to pixel corners
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points
+
+
+def lesion_regions(volume: Volume, lesion: np.ndarray, lung: np.ndarray, count: int
+                   ) -> list[LesionRegion]:
+    """The ``count`` largest 3D connected lesions (26-connectivity), largest first."""
+    if count <= 0 or not lesion.any():
+        return []
+    labels, found = ndimage.label(lesion, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=found + 1)[1:]
+    pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    regions = []
+    for label in np.argsort(-sizes, kind="stable")[:count] + 1:
+        component = labels == label
+        areas = component.reshape(component.shape[0], -1).sum(axis=1)
+        index = int(np.argmax(areas))
+        section = component[index]
+        rows, columns = np.nonzero(section)
+        centre_x = patient_x(volume, index, columns.mean() + 0.5, rows.mean() + 0.5)
+        lung_rows, lung_columns = np.nonzero(lung[index])
+        midline = patient_x(volume, index, (lung_columns.min() + lung_columns.max() + 1) / 2,
+                            (lung_rows.min() + lung_rows.max() + 1) / 2) \
+            if lung_rows.size else centre_x
+        regions.append(LesionRegion(
+            slice_index=index, outline=outline(section), voxels=int(sizes[label - 1]),
+            area_mm2=float(areas[index]) * pixel_mm2,
+            mean_hu=float(volume.hu[index][section].mean()),
+            side="left" if centre_x >= midline else "right"))
+    return regions
+
+
+def assessment_slice(lesion: np.ndarray, lung: np.ndarray) -> int:
+    """The slice with the largest lesion area, else the most lung, else the middle one."""
+    for mask in (lesion, lung):
+        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        if areas.any():
+            return int(np.argmax(areas))
+    return lesion.shape[0] // 2
+
+
+def lung_rectangle(lung: np.ndarray, index: int) -> np.ndarray:
+    """The closed rectangle (column, row) around the lungs on slice ``index``; the whole
+    image when the slice has no lung (a series the quality gate found not assessable)."""
+    rows, columns = np.nonzero(lung[index])
+    if rows.size:
+        left, right = float(columns.min()), float(columns.max() + 1)
+        top, bottom = float(rows.min()), float(rows.max() + 1)
+    else:
+        left, top, right, bottom = 0.0, 0.0, float(lung.shape[2]), float(lung.shape[1])
+    return np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]],
+                    dtype=np.float32)
