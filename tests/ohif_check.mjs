@@ -101,8 +101,10 @@ try {
     return job.srLabels.every(label => texts.some(text => text.includes(label))) ? texts : null;
   }, 60000) || await page.$$eval('[data-cy="viewport-pane"] svg text',
                                  nodes => nodes.map(node => node.textContent));
-  report.sr.box = await viewportShot('1-sr');
+  // OHIF offers to track (hydrate) what it can turn into its own tools; the reader declines.
   report.sr.trackingPrompt = await answer('continue tracking measurements', 'No');
+  await sleep(1000);
+  report.sr.box = await viewportShot('1-sr');
 
   // 4. The SEG: hydrated into a segmentation with our segments.
   step('seg');
