@@ -47,7 +47,9 @@ disable_created_metrics()
 
 #: ``reason`` of dcn_associations_refused_total.
 REFUSAL_REASONS = ("called_ae", "calling_ae", "host", "shutting_down", "backpressure",
-                   "max_associations", "other")
+                   "max_associations", "no_context", "other")
+#: ``reason`` of dcn_contexts_refused_total: the presentation context results of PS3.8.
+CONTEXT_REFUSAL_REASONS = ("sop_class", "transfer_syntax", "user", "other")
 #: ``status`` of dcn_cstore_responses_total: every status the Storage SCP answers.
 CSTORE_STATUSES = {0x0000: "0x0000", 0xA700: "0xA700", 0xA900: "0xA900", 0xC000: "0xC000"}
 #: ``outcome`` of dcn_series_total.
@@ -206,6 +208,10 @@ class NodeMetrics:
         self.associations_refused = Counter(
             "dcn_associations_refused_total", "DICOM associations refused, by reason.",
             ["reason"], registry=r)
+        self.contexts_refused = Counter(
+            "dcn_contexts_refused_total",
+            "Presentation contexts refused at association negotiation, by reason.",
+            ["reason"], registry=r)
         self.cstore_responses = Counter(
             "dcn_cstore_responses_total", "C-STORE responses sent, by status (hex).",
             ["status"], registry=r)
@@ -252,6 +258,8 @@ class NodeMetrics:
                                _package_version("torch")).set(1)
         for reason in REFUSAL_REASONS:
             self.associations_refused.labels(reason)
+        for reason in CONTEXT_REFUSAL_REASONS:
+            self.contexts_refused.labels(reason)
         for status in CSTORE_STATUSES.values():
             self.cstore_responses.labels(status)
         for outcome in SERIES_OUTCOMES:
@@ -284,6 +292,11 @@ class NodeMetrics:
         else:
             reason = refusal_reason if refusal_reason in REFUSAL_REASONS else "other"
             self.associations_refused.labels(reason).inc()
+
+    def record_context_refused(self, reason: str) -> None:
+        """A presentation context was refused at negotiation for ``reason``."""
+        self.contexts_refused.labels(
+            reason if reason in CONTEXT_REFUSAL_REASONS else "other").inc()
 
     def record_store(self, status: int, size_bytes: int) -> None:
         """A C-STORE was answered ``status``; ``size_bytes`` stored on Success."""

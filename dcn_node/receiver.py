@@ -55,6 +55,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom import __version__ as pynetdicom_version
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -192,6 +193,20 @@ AssociationCallback = Callable[[str | None], None]
 StoreStatusCallback = Callable[[int, int], None]
 #: Callback told the reason code of every instance refused for its content (metrics).
 BadInputCallback = Callable[[str], None]
+#: Callback told about every presentation context refused at negotiation: the reason code.
+ContextRefusedCallback = Callable[[str], None]
+
+#: A refused context already logged for a peer is logged again (WARNING) after this long;
+#: in between at DEBUG (storescu, for one, proposes some 60 contexts per association).
+CONTEXT_WARNING_REPEAT_SECONDS = 3600.0
+
+#: A-ASSOCIATE-AC presentation context results -> (reason code, what the log says).
+_CONTEXT_REFUSALS = {
+    0x01: ("user", "refused by the acceptor"),
+    0x02: ("other", "no reason given"),
+    0x03: ("sop_class", "SOP class not accepted (the node takes CT images and Verification)"),
+    0x04: ("transfer_syntax", "none of the transfer syntaxes can be decoded"),
+}
 
 #: pynetdicom's own rejections (A-ASSOCIATE-RJ result, source, diagnostic) -> refusal code.
 _PYNETDICOM_REJECTIONS = {(0x01, 0x01, 0x07): "called_ae", (0x02, 0x03, 0x02): "max_associations"}
@@ -231,6 +246,7 @@ class StorageSCP:
         on_association: AssociationCallback | None = None,
         on_store_status: StoreStatusCallback | None = None,
         on_bad_input: BadInputCallback | None = None,
+        on_context_refused: ContextRefusedCallback | None = None,
         quarantine: Quarantine | None = None,
     ) -> None:
         self.settings = settings
@@ -240,6 +256,9 @@ class StorageSCP:
         self._on_association = on_association
         self._on_store_status = on_store_status
         self._on_bad_input = on_bad_input
+        self._on_context_refused = on_context_refused
+        self._context_warned: dict[tuple[str, ...], float] = {}  # refusal -> last WARNING
+        self._context_lock = threading.Lock()
         self._quarantine = quarantine
         self._server: ThreadedAssociationServer | None = None
         self._accepting = threading.Event()
@@ -375,7 +394,7 @@ class StorageSCP:
                 self.settings.node.ae_title,
             )
             return
-        refusal = self._refusal_for(calling_ae, host)
+        refusal = self._refusal_for(calling_ae, host) or self._negotiate(assoc, calling_ae, host)
         if refusal is None:
             LOGGER.debug("Accepting association from %s@%s", calling_ae, host)
             return
@@ -384,6 +403,54 @@ class StorageSCP:
         if self._on_association is not None:
             self._on_association(refusal.code)
         assoc.kill()
+
+    def _negotiate(self, assoc: object, calling_ae: str, host: str) -> Refusal | None:
+        """Log and count each presentation context pynetdicom is about to refuse; a refusal
+        when none is left (pynetdicom would accept an association with nothing usable).
+
+        The same public function pynetdicom negotiates with, on the same inputs, runs here
+        first: pynetdicom has no hook between its negotiation and its A-ASSOCIATE-AC.
+        """
+        requested: list[PresentationContext] = assoc.requestor.requested_contexts  # type: ignore[attr-defined]
+        roles = {uid: (item.scu_role, item.scp_role)
+                 for uid, item in assoc.requestor.role_selection.items()}  # type: ignore[attr-defined]
+        results, _ = negotiate_as_acceptor(
+            requested, assoc.acceptor.supported_contexts, roles)  # type: ignore[attr-defined]
+        proposed = {cx.context_id: cx for cx in requested}
+        accepted = 0
+        for result in results:
+            if result.result == 0x00:
+                accepted += 1
+                continue
+            code, why = _CONTEXT_REFUSALS.get(result.result, ("other", "no reason given"))
+            asked = proposed.get(result.context_id, result)
+            syntaxes = ", ".join(str(ts) for ts in asked.transfer_syntax) or "none"
+            level = self._context_log_level((calling_ae, host, code, str(asked.abstract_syntax),
+                                             syntaxes))
+            LOGGER.log(level, "Refusing presentation context %s from %s@%s: %s (SOP class %s, "
+                       "transfer syntaxes %s)", result.context_id, calling_ae, host, why,
+                       asked.abstract_syntax, syntaxes)
+            if self._on_context_refused is not None:
+                self._on_context_refused(code)
+        if accepted:
+            return None
+        # A-ASSOCIATE-RJ has no reason "no presentation context": rejected permanent,
+        # by the service user, no reason given; the log says why.
+        return Refusal("no presentation context it proposed can be accepted", 0x01, 0x01, 0x01,
+                       code="no_context")
+
+    def _context_log_level(self, key: tuple[str, ...]) -> int:
+        """WARNING the first time a peer's context is refused (and again an hour on)."""
+        now = time.monotonic()
+        with self._context_lock:
+            last = self._context_warned.get(key)
+            if last is not None and now - last < CONTEXT_WARNING_REPEAT_SECONDS:
+                return logging.DEBUG
+            if len(self._context_warned) > 10_000:  # many peers: forget the oldest half
+                for old in sorted(self._context_warned, key=self._context_warned.get)[:5_000]:
+                    del self._context_warned[old]
+            self._context_warned[key] = now
+            return logging.WARNING
 
     def _on_accepted(self, event: evt.Event) -> None:
         if self._on_association is not None:

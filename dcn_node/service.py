@@ -93,6 +93,7 @@ class Node:
                                    on_association=m.record_association,
                                    on_store_status=m.record_store,
                                    on_bad_input=m.record_bad_input,
+                                   on_context_refused=m.record_context_refused,
                                    quarantine=self.quarantine)
         self.encoder = ResultEncoder(settings, self.spool, self.outbox,
                                      on_recorded=self._wake_senders, on_timing=m.record_stage,
