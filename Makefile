@@ -21,11 +21,11 @@ SYSTEMD_DIR ?= /etc/systemd/system
 .PHONY: run test venv test-deps system-deps ohif-deps lint bench bench-robustness audit \
         clean install-systemd
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -86,6 +86,8 @@ def configure_logging(
 
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-    # pynetdicom's standard handlers describe every PDU and DIMSE message for its DEBUG
-    # log: bound only when a person asked for DEBUG (below it nobody reads them).
-    pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if numeric <= logging.DEBUG else "none"
+    # pynetdicom's standard handlers describe every PDU and DIMSE message at DEBUG, which
+    # PrivacyFilter drops (other libraries: WARNING and up). Never bound, at any level: bound,
+    # they would also switch receiving to pynetdicom's own PDU reading (transport_tuning), so
+    # the log level would change the receive path.
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"

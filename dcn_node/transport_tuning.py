@@ -135,6 +135,10 @@ from dcn_node.limits import check_pdu_length, dataset_too_large
 
 LOGGER = logging.getLogger(__name__)
 
+#: The pynetdicom release this was written and tested for (pinned in constraints.txt). With
+#: any other, :func:`install` leaves pynetdicom as it is, with one WARNING.
+PYNETDICOM_VERSION = "3.0.4"
+
 #: The read buffer is allocated at most this far ahead of the bytes that arrived.
 MAX_PREALLOCATION_BYTES = 4 * 1024 * 1024
 
@@ -743,12 +747,19 @@ def install_safeguards() -> None:
 def install() -> bool:
     """Install :func:`event_wait` and :func:`bulk_recv` into pynetdicom (idempotent).
 
-    Returns ``True`` when installed, ``False`` when pynetdicom's internals differ from what
-    this was written for (then pynetdicom keeps its own timing).
+    Returns ``True`` when installed, ``False`` when pynetdicom is another release than
+    :data:`PYNETDICOM_VERSION` or its internals differ from what this was written for (then
+    pynetdicom keeps its own path, and one WARNING says so).
     """
     global _installed
     if _installed:
         return True
+    if pynetdicom.__version__ != PYNETDICOM_VERSION:
+        LOGGER.warning(
+            "pynetdicom %s is not the release the fast receive path was written and tested "
+            "for (%s, constraints.txt); receiving with stock pynetdicom (slower, same results)",
+            pynetdicom.__version__, PYNETDICOM_VERSION)
+        return False
     expected = (
         getattr(pynetdicom.association, "time", None) is time
         and getattr(pynetdicom.dul, "time", None) is time

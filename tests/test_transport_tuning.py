@@ -3,6 +3,8 @@ response is byte for byte pynetdicom's, and a tuned SCP answers real association
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom.dimse_messages import C_STORE_RSP
@@ -318,3 +320,53 @@ def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> 
     assert all(isinstance(t, pynetdicom.dul.DULServiceProvider) for t in threads)
     assert len(split) >= 2 * 4 + 1  # command and dataset of each C-STORE, the C-ECHO
     assert released_in < 1.0
+
+
+def test_another_pynetdicom_release_falls_back_to_stock_with_one_warning(
+        monkeypatch, start_node, caplog) -> None:
+    import pynetdicom
+
+    from dcn_node import transport_tuning
+    from tests.conftest import send_datasets
+    from tests.dicom_factory import ct_series
+
+    transport_tuning.uninstall()
+    monkeypatch.setattr(pynetdicom, "__version__", "3.0.5")
+    caplog.set_level(logging.WARNING, logger="dcn_node")
+    try:
+        node = start_node(node={"transport_tuning": True})
+        assert not transport_tuning._installed
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.name == "dcn_node.transport_tuning" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "3.0.5" in warnings[0] and "3.0.4" in warnings[0]
+        assert send_datasets(ct_series(3), node.receiver.port) == [0, 0, 0]
+    finally:
+        transport_tuning.uninstall()
+
+
+def test_debug_logging_does_not_change_the_receive_path(monkeypatch, start_node) -> None:
+    """At DEBUG, C-STOREs are still read by the fast path (pynetdicom's PDU log handlers,
+    which need its own reading, are never bound; their lines would be filtered anyway)."""
+    from pynetdicom import _config
+
+    from dcn_node import transport_tuning
+    from dcn_node.logs import configure_logging
+    from tests.conftest import send_datasets
+    from tests.dicom_factory import ct_series
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("dcn_node").level)
+    try:
+        configure_logging("DEBUG")
+        assert _config.LOG_HANDLER_LEVEL == "none"
+        assembled = []
+        real = transport_tuning._store_request
+        monkeypatch.setattr(transport_tuning, "_store_request",
+                            lambda *args: assembled.append(1) or real(*args))
+        node = start_node(node={"transport_tuning": True})
+        assert send_datasets(ct_series(4), node.receiver.port) == [0] * 4
+        assert len(assembled) == 4
+    finally:
+        root.handlers[:], level, own = saved
+        root.setLevel(level)
+        logging.getLogger("dcn_node").setLevel(own)
