@@ -67,6 +67,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
         time.sleep(interval)
 
 
+class AssociationRejected(ConnectionRefusedError):
+    """The node answered A-ASSOCIATE-RJ: ``reason`` is (result, source, diagnostic)."""
+
+    def __init__(self, reason: tuple[int, int, int]) -> None:
+        super().__init__(f"association rejected: result, source, diagnostic = {reason}")
+        self.reason = reason
+
+
 def send_datasets(
     datasets: Sequence[Dataset],
     port: int,
@@ -88,8 +96,11 @@ def send_datasets(
     ae.add_requested_context(EnhancedCTImageStorage, syntaxes)
     handlers = [(evt.EVT_ESTABLISHED, _set_tcp_nodelay)] if tcp_nodelay else []
     assoc = ae.associate("127.0.0.1", port, ae_title=called_aet, evt_handlers=handlers)
+    if assoc.is_rejected:
+        answer = assoc.acceptor.primitive
+        raise AssociationRejected((answer.result, answer.result_source, answer.diagnostic))
     if not assoc.is_established:
-        raise ConnectionRefusedError(f"association not established (rejected={assoc.is_rejected})")
+        raise ConnectionRefusedError("association not established (aborted or no answer)")
     statuses = []
     try:
         for ds in datasets:

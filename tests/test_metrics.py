@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from dcn_node.outbox import ResultObject
 from dcn_node.service import Node
 from dcn_node.spool import Job
-from tests.conftest import free_port, require_tool, send_datasets, wait_for
+from tests.conftest import AssociationRejected, free_port, require_tool, send_datasets, wait_for
 from tests.dicom_factory import ct_series, ct_slice
 
 #: Label names a dcn_ metric may carry: small fixed sets, never a UID.
@@ -58,10 +58,12 @@ def test_receiving_is_counted_and_the_output_passes_promtool(start_node, tmp_pat
     broken = ct_slice(generate_uid(), generate_uid(), 0.0)
     del broken.SeriesInstanceUID
     assert send_datasets([broken], node.receiver.port) == [0xC000]
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(AssociationRejected) as refused:
         send_datasets(series[:1], node.receiver.port, calling_aet="INTRUDER")
-    with pytest.raises(ConnectionRefusedError):
+    assert refused.value.reason == (0x01, 0x01, 0x03)
+    with pytest.raises(AssociationRejected) as refused:
         send_datasets(series[:1], node.receiver.port, called_aet="SOMEONE_ELSE")
+    assert refused.value.reason == (0x01, 0x01, 0x07)
 
     assert value(node, "dcn_instances_received_total") == 6
     stored = sum(p.stat().st_size for p in node.spool.instances_dir.rglob("*.dcm"))

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import EnhancedCTImageStorage, MRImageStorage, Verific
 from dcn_node.receiver import IMPLEMENTATION_CLASS_UID, encode_file_meta
 from tests.conftest import (
     NODE_AET,
+    AssociationRejected,
     dcmtk_env,
     require_tool,
     send_datasets,
@@ -243,22 +244,25 @@ def test_two_acquisitions_in_one_series_are_rejected_with_reason(start_node) -> 
 def test_unknown_calling_ae_is_refused_and_logged(start_node, caplog) -> None:
     node = start_node(node={"allowed_calling_aets": ["PACS"]})
     caplog.set_level(logging.WARNING, logger="dcn_node")
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(AssociationRejected) as refused:
         send_datasets(ct_series(1), node.receiver.port, calling_aet="INTRUDER")
+    assert refused.value.reason == (0x01, 0x01, 0x03)  # permanent, user, calling AE
     assert "INTRUDER" in caplog.text and "allowed_calling_aets" in caplog.text
     assert send_datasets(ct_series(1), node.receiver.port, calling_aet="PACS") == [0]
 
 
 def test_wrong_called_ae_title_is_refused(start_node) -> None:
     node = start_node()
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(AssociationRejected) as refused:
         send_datasets(ct_series(1), node.receiver.port, called_aet="SOMEONE_ELSE")
+    assert refused.value.reason == (0x01, 0x01, 0x07)  # permanent, user, called AE
 
 
 def test_unknown_host_is_refused(start_node) -> None:
     node = start_node(node={"allowed_hosts": ["10.0.0.0/8"]})
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(AssociationRejected) as refused:
         send_datasets(ct_series(1), node.receiver.port)
+    assert refused.value.reason == (0x01, 0x01, 0x01)  # permanent, user, no reason given
 
 
 def test_other_sop_classes_are_not_negotiated(start_node) -> None:
