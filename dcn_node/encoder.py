@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcn_node.config import Settings
+from dcn_node.errors import FailureReason
 from dcn_node.outbox import Outbox, ResultObject
 from dcn_node.spool import Job, Spool
 from dcn_node.worker import FinishedCallback, TimingCallback
@@ -115,7 +116,7 @@ class ResultEncoder:
             LOGGER.exception("Series %s failed: %s", job.series_instance_uid, reason)
             self.spool.finish_job(job, "failed", reason)
             if self._on_finished is not None:
-                self._on_finished(job, "failed", reason)
+                self._on_finished(job, "failed", reason, FailureReason.ENCODING_ERROR)
             return
         if self._on_timing is not None:
             self._on_timing("encoding", time.perf_counter() - started)
@@ -123,7 +124,7 @@ class ResultEncoder:
         LOGGER.info("Series %s: %d result objects recorded for %d destination(s)",
                     job.series_instance_uid, len(objects), len(destinations))
         if self._on_finished is not None:
-            self._on_finished(job, "done", None)
+            self._on_finished(job, "done", None, None)
         if self._on_recorded is not None:
             self._on_recorded()
 

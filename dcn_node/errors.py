@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class DcnNodeError(Exception):
     """Base of every error raised on purpose by dcn-node."""
@@ -31,3 +33,25 @@ class InvalidInstanceError(DcnNodeError):
     def __init__(self, message: str, code: str = "unparsable") -> None:
         super().__init__(message)
         self.code = code
+
+
+class FailureReason(StrEnum):
+    """Why a series failed after it was accepted: decided once, from the exception, where
+    it happened (the metrics label ``reason`` of dcn_series_failed_total)."""
+
+    UNDECODABLE = "undecodable"  # its pixel data could not be read
+    OUT_OF_MEMORY = "out_of_memory"
+    MODEL_ERROR = "model_error"  # anything else while loading or running the model
+    ENCODING_ERROR = "encoding_error"  # building or writing the result objects
+
+    @classmethod
+    def of_analysis(cls, exc: BaseException) -> FailureReason:
+        """The reason for an exception raised while a series was read and analysed."""
+        if isinstance(exc, InvalidInstanceError):
+            return cls.UNDECODABLE
+        # torch's OutOfMemoryError (a RuntimeError) and MemoryError by type; torch's CPU
+        # allocator raises a plain RuntimeError that says so.
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+                isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+            return cls.OUT_OF_MEMORY
+        return cls.MODEL_ERROR

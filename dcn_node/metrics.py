@@ -37,6 +37,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from dcn_node import __version__
+from dcn_node.errors import FailureReason
 from dcn_node.health import READINESS_CHECKS, Liveness, Readiness
 from dcn_node.quarantine import SKIP_REASONS
 
@@ -70,7 +71,7 @@ BAD_INPUT_REASONS = (
 QUARANTINE_REASONS = ("unparsable", "missing_uid", "uid_mismatch", "no_pixel_data",
                       "truncated", "dataset_too_large")
 #: ``reason`` of dcn_series_failed_total.
-FAILURE_REASONS = ("undecodable", "out_of_memory", "model_error", "encoding_error")
+FAILURE_REASONS = tuple(reason.value for reason in FailureReason)
 #: ``stage`` of dcn_inference_stage_seconds.
 STAGES = ("volume_load", "preprocessing", "lung_segmentation", "dcn", "spm", "postprocessing",
           "encoding")
@@ -331,10 +332,9 @@ class NodeMetrics:
         if reason in SKIP_REASONS:
             self.quarantine_skipped.labels(reason).inc()
 
-    def record_failure(self, reason: str) -> None:
-        """A series failed; ``reason`` outside :data:`FAILURE_REASONS` counts as
-        ``model_error``."""
-        self.series_failed.labels(reason if reason in FAILURE_REASONS else "model_error").inc()
+    def record_failure(self, reason: FailureReason) -> None:
+        """A series failed for ``reason``."""
+        self.series_failed.labels(reason.value).inc()
 
     def record_stage(self, stage: str, seconds: float) -> None:
         """Time spent in one stage on one series (stages not in :data:`STAGES` are

@@ -31,6 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dcn_node import systemd
 from dcn_node.config import Settings
 from dcn_node.encoder import ResultEncoder
+from dcn_node.errors import FailureReason
 from dcn_node.health import Liveness, Readiness, outbox_problem, spool_free_bytes, spool_problem
 from dcn_node.metrics import MetricsServer, NodeMetrics, NodeState
 from dcn_node.outbox import Backlog, Delivery, Outbox
@@ -258,14 +259,15 @@ class Node:
                                   results={"sent": sent, "dead": dead}))
 
     @_observer
-    def _job_finished(self, job: Job, state: str, reason: str | None) -> None:
+    def _job_finished(self, job: Job, state: str, reason: str | None,
+                      failure: FailureReason | None) -> None:
         study, series = job.study_instance_uid, job.series_instance_uid
         if state == "failed":
             self.metrics.record_series("failed")
-            code = failure_code(reason)
-            self.metrics.record_failure(code)
-            if code == "undecodable":
-                self.metrics.record_bad_input(code)
+            failure = failure or FailureReason.MODEL_ERROR
+            self.metrics.record_failure(failure)
+            if failure is FailureReason.UNDECODABLE:
+                self.metrics.record_bad_input(failure.value)
             log_summary(build_summary(self.spool, study, series, job.generation, "failed",
                                       reason=reason))
             return
@@ -348,19 +350,6 @@ class Node:
                        f"{self.receiver.port}")
         stop_requested.wait()
         self.stop()
-
-
-def failure_code(reason: str | None) -> str:
-    """The fixed reason code of a failed series (metrics label) from its recorded reason,
-    which starts with the exception's type (``encoding results: ...`` for the encoder)."""
-    text = reason or ""
-    if text.startswith("encoding results:"):
-        return "encoding_error"
-    if text.startswith("InvalidInstanceError"):
-        return "undecodable"
-    if text.startswith(("OutOfMemoryError", "MemoryError")) or "out of memory" in text.lower():
-        return "out_of_memory"
-    return "model_error"
 
 
 def _pending_ages(backlog: dict[str, Backlog], now: float) -> dict[str, float]:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dcn_node.errors import FailureReason
 from dcn_node.spool import Job, Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ ResultHandler = Callable[[Job, object, object, Path], None]
 #: Told the seconds each stage took on a series: (stage, seconds).
 TimingCallback = Callable[[str, float], None]
 #: Told how a job finished when this stage finished it: (job, "done" | "failed", reason).
-FinishedCallback = Callable[[Job, str, str | None], None]
+#: (job, "done" or "failed", the recorded reason, the failure's fixed reason).
+FinishedCallback = Callable[[Job, str, str | None, FailureReason | None], None]
 
 #: Engine timing keys -> stage names of the metrics (dcn_node.metrics.STAGES).
 _ENGINE_STAGES = ("preprocessing", "lung_segmentation", "dcn", "spm", "postprocessing")
@@ -150,14 +152,14 @@ class ModelWorker:
             _release_memory()
             self.spool.finish_job(job, "failed", reason)
             if self._on_finished is not None:
-                self._on_finished(job, "failed", reason)
+                self._on_finished(job, "failed", reason, FailureReason.of_analysis(exc))
             return
         LOGGER.info("Series %s analyzed: %s in %.1f s", series, _outcome(summary),
                     summary["seconds"])
         if self._on_result is None:
             self.spool.finish_job(job, "done")
             if self._on_finished is not None:
-                self._on_finished(job, "done", None)
+                self._on_finished(job, "done", None, None)
         else:
             # The encode stage finishes the job once its results are recorded.
             self._on_result(job, volume, result, out_dir)

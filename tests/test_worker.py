@@ -71,3 +71,18 @@ def test_queued_series_is_analyzed_and_failures_are_recorded(
     assert failed.series_instance_uid == broken[0].SeriesInstanceUID
     assert failed.reason
     assert node.spool.list_jobs("failed")[0].reason == failed.reason
+
+
+def test_failure_reasons_are_decided_from_the_exception() -> None:
+    """Fixed reasons (metrics labels) come from the exception's type where the series
+    failed, never parsed back out of the recorded text."""
+    from dcn_node.errors import FailureReason, InvalidInstanceError
+
+    of = FailureReason.of_analysis
+    assert of(InvalidInstanceError("bad J2K", code="undecodable")) is FailureReason.UNDECODABLE
+    assert of(MemoryError()) is FailureReason.OUT_OF_MEMORY
+    assert of(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 9 GB")) is FailureReason.OUT_OF_MEMORY
+    assert of(ValueError("encoding results: looks like an encoder message")) \
+        is FailureReason.MODEL_ERROR  # text that merely looks like another reason
+    assert of(RuntimeError("shape mismatch")) is FailureReason.MODEL_ERROR
