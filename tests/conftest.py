@@ -183,3 +183,15 @@ def real_ct() -> Path:
 
     real_cases(cache)  # fetch everything once, up front
     return cache
+
+
+#: Per-test limit of tests marked ``slow`` (every other test: ``--timeout`` in pyproject, 120 s).
+SLOW_TEST_TIMEOUT = 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` (real servers, browsers, kill rounds, training) get
+    :data:`SLOW_TEST_TIMEOUT`; a hang anywhere else fails after 120 s."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))

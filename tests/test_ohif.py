@@ -32,8 +32,8 @@ from tests.test_pipeline import upload as upload_series
 from tests.test_results import phantom_case, sr_values
 
 SETTINGS = ResultsSettings()
-#: The OHIF run is slow on 2 cores (software WebGL): one study at a time, a generous limit.
-pytestmark = pytest.mark.timeout(900)
+#: The OHIF run is slow on 2 cores (software WebGL): 35-55 s a study.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

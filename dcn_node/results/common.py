@@ -168,13 +168,12 @@ def character_sets(volume: Volume) -> tuple[Any, Any]:
     if len(values) > 1 and values[0] == "":
         values[0] = "ISO 2022 IR 6"
     candidate = values[0] if len(values) == 1 else values
-    try:
-        from highdicom.valuerep import _check_specific_character_set
-
-        _check_specific_character_set(candidate)
-    except (ImportError, ValueError) as exc:
-        LOGGER.warning("Series %s: Specific Character Set %r not usable (%s); writing UTF-8",
-                       volume.series_instance_uid, source, exc)
+    known = {member.value for member in hd.SpecificCharacterSetValues}
+    unknown = [value for value in values if value not in known]
+    if unknown:
+        LOGGER.warning("Series %s: Specific Character Set %r not usable (%s unknown to "
+                       "highdicom); writing UTF-8", volume.series_instance_uid, source,
+                       ", ".join(map(repr, unknown)))
         return "ISO_IR 192", "ISO_IR 192"
     return source, candidate
 

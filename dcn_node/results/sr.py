@@ -27,7 +27,6 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DS
 
 from dcn_node.config import ResultsSettings
 from dcn_node.results import common
@@ -86,14 +85,6 @@ def _tracking(settings: ResultsSettings, volume: Volume, result: AnalysisResult,
         identifier=name)
 
 
-def _count(name: hd.sr.CodedConcept, value: int, unit: hd.sr.CodedConcept
-           ) -> hd.sr.Measurement:
-    """A whole-number measurement written as ``16``, not pydicom's ``16.0``."""
-    measurement = hd.sr.Measurement(name=name, value=value, unit=unit)
-    measurement[0].MeasuredValueSequence[0].NumericValue = DS(str(value))
-    return measurement
-
-
 def measurements(volume: Volume, result: AnalysisResult) -> dict[str, float | int]:
     """The reported numbers: volumes in ml, involvement in percent, slice count."""
     voxel_ml = volume.voxel_volume_ml
@@ -133,8 +124,8 @@ def _assessment_group(volume: Volume, result: AnalysisResult, settings: ResultsS
                           unit=common.UNIT_ML),
         hd.sr.Measurement(name=common.LUNG_VOLUME, value=values["lung_ml"],
                           unit=common.UNIT_ML),
-        _count(common.SLICES_WITH_LESIONS, int(values["slices_with_lesions"]),
-               common.UNIT_SLICES),
+        hd.sr.Measurement(name=common.SLICES_WITH_LESIONS,
+                          value=int(values["slices_with_lesions"]), unit=common.UNIT_SLICES),
     ]
     index = assessment_slice(result.lesion, result.lung)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
