@@ -23,35 +23,6 @@ LOGGER = logging.getLogger(__name__)
 
 DELIVERY_STATES = ("pending", "sent", "dead", "superseded")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS result_sets (
-    result_set_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    folder TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS result_sets_by_series
-    ON result_sets (study_instance_uid, series_instance_uid);
-CREATE TABLE IF NOT EXISTS deliveries (
-    delivery_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    result_set_id INTEGER NOT NULL REFERENCES result_sets (result_set_id),
-    destination TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    sent_at REAL
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, destination, next_attempt_at);
-CREATE INDEX IF NOT EXISTS deliveries_by_set ON deliveries (result_set_id);
-"""
 
 
 @dataclass(frozen=True)
@@ -121,7 +92,6 @@ class Outbox:
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        spool.apply_schema(_SCHEMA)
 
     def record_result_set(
         self, job: Job, folder: Path, objects: Sequence[ResultObject],

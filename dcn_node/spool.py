@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcn_node import schema
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, read_header_from_file
 
@@ -48,64 +49,6 @@ SERIES_STATES = (
 #: States in which a newly arrived instance reopens the series.
 _CLOSED_STATES = ("complete", "ignored", "rejected", "queued", "processing", "done", "failed")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    calling_ae_title TEXT NOT NULL,
-    header_json TEXT NOT NULL,
-    -- frames in this instance, and the count the data announces (ImagesInAcquisition, or
-    -- NumberOfFrames of a multi-frame instance): lets completion skip loading headers
-    frames INTEGER NOT NULL,
-    announced_frames INTEGER
-);
-CREATE INDEX IF NOT EXISTS instances_by_series
-    ON instances (study_instance_uid, series_instance_uid);
-CREATE TABLE IF NOT EXISTS series (
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT,
-    first_received_at REAL NOT NULL,
-    last_received_at REAL NOT NULL,
-    -- the quiet timer runs from here: last arrival, or the node's restart
-    quiet_since REAL NOT NULL,
-    completed_at REAL,
-    -- bumped each time a late arrival reopens the series; later results supersede
-    generation INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (study_instance_uid, series_instance_uid)
-);
-CREATE INDEX IF NOT EXISTS series_by_state ON series (state);
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, job_id);
--- what happened to a series when: received, complete, inference, results, deliveries
-CREATE TABLE IF NOT EXISTS timeline (
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    event TEXT NOT NULL,
-    at REAL NOT NULL,
-    detail TEXT
-);
-CREATE INDEX IF NOT EXISTS timeline_by_series
-    ON timeline (study_instance_uid, series_instance_uid, at);
-"""
 
 
 @dataclass(frozen=True)
@@ -220,7 +163,7 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
+        schema.migrate(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -237,11 +180,6 @@ class Spool:
         """Run a read-only query on the index."""
         with self._lock:
             return self._db.execute(sql, args).fetchall()
-
-    def apply_schema(self, script: str) -> None:
-        """Create tables another module keeps in the index (idempotent DDL)."""
-        with self._lock:
-            self._db.executescript(script)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

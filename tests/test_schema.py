@@ -1,0 +1,267 @@
+"""The spool index's schema versions: an index written by any earlier dcn-node opens, is
+migrated to the current version in place, and keeps what it held; a newer one is refused.
+
+Each earlier schema below is verbatim from the commit named (``git show COMMIT:PATH``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from dcn_node import schema
+from dcn_node.outbox import Outbox
+from dcn_node.spool import Spool
+
+#: d2ac3fb dcn_node/spool.py: the first index (no frame counts, no timeline, no outbox).
+SCHEMA_D2AC3FB = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    header_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_series
+    ON instances (study_instance_uid, series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    -- the quiet timer runs from here: last arrival, or the node's restart
+    quiet_since REAL NOT NULL,
+    completed_at REAL,
+    -- bumped each time a late arrival reopens the series; later results supersede
+    generation INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (study_instance_uid, series_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS series_by_state ON series (state);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, job_id);
+"""
+
+#: 693650a dcn_node/spool.py: frame counts on instances.
+SCHEMA_693650A = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    header_json TEXT NOT NULL,
+    -- frames in this instance, and the count the data announces (ImagesInAcquisition, or
+    -- NumberOfFrames of a multi-frame instance): lets completion skip loading headers
+    frames INTEGER NOT NULL,
+    announced_frames INTEGER
+);
+CREATE INDEX IF NOT EXISTS instances_by_series
+    ON instances (study_instance_uid, series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    -- the quiet timer runs from here: last arrival, or the node's restart
+    quiet_since REAL NOT NULL,
+    completed_at REAL,
+    -- bumped each time a late arrival reopens the series; later results supersede
+    generation INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (study_instance_uid, series_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS series_by_state ON series (state);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, job_id);
+"""
+
+#: d8b4bc9 dcn_node/spool.py + dcn_node/outbox.py: the timeline and the outbox (unchanged
+#: up to schema version 1, which only records the version).
+SCHEMA_D8B4BC9 = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    header_json TEXT NOT NULL,
+    -- frames in this instance, and the count the data announces (ImagesInAcquisition, or
+    -- NumberOfFrames of a multi-frame instance): lets completion skip loading headers
+    frames INTEGER NOT NULL,
+    announced_frames INTEGER
+);
+CREATE INDEX IF NOT EXISTS instances_by_series
+    ON instances (study_instance_uid, series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    -- the quiet timer runs from here: last arrival, or the node's restart
+    quiet_since REAL NOT NULL,
+    completed_at REAL,
+    -- bumped each time a late arrival reopens the series; later results supersede
+    generation INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (study_instance_uid, series_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS series_by_state ON series (state);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, job_id);
+-- what happened to a series when: received, complete, inference, results, deliveries
+CREATE TABLE IF NOT EXISTS timeline (
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    at REAL NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS timeline_by_series
+    ON timeline (study_instance_uid, series_instance_uid, at);
+CREATE TABLE IF NOT EXISTS result_sets (
+    result_set_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    folder TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS result_sets_by_series
+    ON result_sets (study_instance_uid, series_instance_uid);
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    result_set_id INTEGER NOT NULL REFERENCES result_sets (result_set_id),
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, destination, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_set ON deliveries (result_set_id);
+"""
+
+EARLIER = {"d2ac3fb": SCHEMA_D2AC3FB, "693650a": SCHEMA_693650A, "d8b4bc9": SCHEMA_D8B4BC9}
+STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+
+
+def earlier_index(spool_dir: Path, script: str) -> None:
+    """An index as that version left it: one instance of one finished series."""
+    spool_dir.mkdir(parents=True)
+    db = sqlite3.connect(spool_dir / "index.sqlite3")
+    db.executescript(script)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
+    row = {"sop_instance_uid": SOP, "study_instance_uid": STUDY,
+           "series_instance_uid": SERIES, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+           "transfer_syntax_uid": "1.2.840.10008.1.2.1", "path": "x.dcm", "size_bytes": 10,
+           "received_at": 1.0, "calling_ae_title": "PACS", "header_json": "{}",
+           "frames": 1, "announced_frames": None}
+    row = {k: v for k, v in row.items() if k in columns}
+    db.execute(f"INSERT INTO instances ({', '.join(row)}) VALUES "
+               f"({', '.join('?' * len(row))})", tuple(row.values()))
+    db.execute("INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?,?)",
+               (STUDY, SERIES, "done", None, 1.0, 2.0, 2.0, 3.0, 0, 3.0))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("commit", sorted(EARLIER))
+def test_every_earlier_index_is_migrated_and_keeps_its_records(tmp_path: Path,
+                                                                commit: str) -> None:
+    earlier_index(tmp_path / "spool", EARLIER[commit])
+    spool = Spool(tmp_path / "spool")
+    try:
+        db = sqlite3.connect(tmp_path / "spool" / "index.sqlite3")
+        assert schema.version_of(db) == schema.SCHEMA_VERSION
+        current = sqlite3.connect(":memory:")
+        schema.migrate(current)
+        for table in ("instances", "series", "jobs", "timeline", "result_sets", "deliveries"):
+            have = [row[1:3] for row in db.execute(f"PRAGMA table_info({table})")]
+            want = [row[1:3] for row in current.execute(f"PRAGMA table_info({table})")]
+            assert sorted(have) == sorted(want), table
+        record = spool.get_series(STUDY, SERIES)
+        assert record is not None and record.state == "done" and record.instances == 1
+        assert spool.query("SELECT frames FROM instances") == [(1,)]
+        # The outbox and the timeline work on the migrated index.
+        Outbox(spool)
+        spool.record_event(STUDY, SERIES, 0, "retried", "after migration")
+        assert "retried" in [e for _, e, _, _ in spool.timeline(STUDY, SERIES)]
+    finally:
+        spool.close()
+    # Opening it again changes nothing.
+    again = Spool(tmp_path / "spool")
+    again.close()
+
+
+def test_a_new_index_gets_the_current_version(tmp_path: Path) -> None:
+    Spool(tmp_path / "spool").close()
+    db = sqlite3.connect(tmp_path / "spool" / "index.sqlite3")
+    assert schema.version_of(db) == schema.SCHEMA_VERSION
+
+
+def test_an_index_from_a_newer_node_is_refused_untouched(tmp_path: Path) -> None:
+    Spool(tmp_path / "spool").close()
+    path = tmp_path / "spool" / "index.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(schema.SchemaVersionError, match="newer dcn-node"):
+        Spool(tmp_path / "spool")
+    assert schema.version_of(sqlite3.connect(path)) == schema.SCHEMA_VERSION + 1
