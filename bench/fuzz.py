@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dcn_node.config import parse_settings  # noqa: E402
-from dcn_node.service import Node  # noqa: E402
+from dcn_node.node import Node  # noqa: E402
 from tests.conftest import send_datasets, test_config  # noqa: E402
 from tests.dicom_factory import ct_series  # noqa: E402
 from tests.fuzzing import OPERATION_KINDS, DatasetFuzzer, Seeds, send_pdus  # noqa: E402

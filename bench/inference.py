@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dcn_train.phantom import generate_phantom
 
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
-from dcn_node.phantom import generate_phantom
 from dcn_node.volume import load_dicom_folder
 
 

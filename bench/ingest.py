@@ -96,7 +96,7 @@ def main() -> int:
         if args.series_dir:
             shutil.copytree(args.series_dir, series_dir)
         else:
-            from dcn_node.phantom import generate_phantom
+            from dcn_train.phantom import generate_phantom
 
             case = generate_phantom(work / "case", seed=4242, slices=args.slices, thickness_mm=1.0)
             series_dir = case.series_dir

@@ -14,7 +14,7 @@ from pathlib import Path
 from dcn_node import __version__
 from dcn_node.config import DEFAULT_CONFIG_PATH, Settings, load_config, security_warnings
 from dcn_node.errors import ConfigError
-from dcn_node.logs import configure_logging
+from dcn_node.ops.logs import configure_logging
 
 LOGGER = logging.getLogger("dcn_node.cli")
 
@@ -33,7 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dcn_node.service import Node
+    from dcn_node.node import Node
 
     settings = _settings(args)
     configure_logging(settings.logging.level, settings.logging.format)
@@ -88,9 +88,9 @@ def _age(seconds: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dcn_node.outbox import Outbox
-    from dcn_node.quarantine import QUARANTINE_DIR, quarantine_usage
-    from dcn_node.spool import Spool
+    from dcn_node.store.outbox import Outbox
+    from dcn_node.store.quarantine import QUARANTINE_DIR, quarantine_usage
+    from dcn_node.store.spool import Spool
 
     settings = _settings(args)
     spool_dir = settings.storage.spool_dir
@@ -176,8 +176,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from dcn_node.outbox import Outbox
-    from dcn_node.spool import Spool
+    from dcn_node.store.outbox import Outbox
+    from dcn_node.store.spool import Spool
 
     settings = _settings(args)
     spool = Spool(settings.storage.spool_dir)
@@ -211,7 +211,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from dcn_node.phantom import generate_phantom
+    from dcn_train.phantom import generate_phantom
 
     started = time.perf_counter()
     case = generate_phantom(
@@ -238,9 +238,8 @@ EVAL_SEED_BASE = 900000
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
-
-    from dcn_node.training.cases import Case, manifest_cases, phantom_cases
-    from dcn_node.training.trainer import Trainer, TrainSettings
+    from dcn_train.cases import Case, manifest_cases, phantom_cases
+    from dcn_train.trainer import Trainer, TrainSettings
 
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.log or args.out / f"train-{args.profile}.log"
@@ -252,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.manifest:
         paths = manifest_cases(args.manifest, args.cache, size)
     elif args.corpus == "v3":
-        from dcn_node.training.corpus import training_corpus
+        from dcn_train.corpus import training_corpus
 
         paths = training_corpus(args.cache, size, args.phantoms, args.real_ct,
                                 seed_base=args.seed_base)
@@ -305,8 +304,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dcn_train.evaluation import evaluate_on_phantoms
+
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
-    from dcn_node.training.evaluation import evaluate_on_phantoms
 
     configure_logging("INFO")
     models = args.models or DEFAULT_MODELS_DIR
@@ -322,11 +322,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
+    from dcn_train.calibration import calibrate
+    from dcn_train.corpus import VALIDATION_SEED_BASE
+    from dcn_train.evaluation import evaluate_on_phantoms
 
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
-    from dcn_node.training.calibration import calibrate
-    from dcn_node.training.corpus import VALIDATION_SEED_BASE
-    from dcn_node.training.evaluation import evaluate_on_phantoms
 
     configure_logging("INFO")
     models = args.models or DEFAULT_MODELS_DIR

@@ -74,7 +74,7 @@ class NodeSettings(_Frozen):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     #: On SIGTERM: in-flight C-STOREs, the model run and deliveries get this long to end.
     shutdown_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
-    #: pynetdicom transport tuning (dcn_node/transport_tuning.py): event-driven waits
+    #: pynetdicom transport tuning (dcn_node/net/transport_tuning.py): event-driven waits
     #: instead of 1 ms polling sleeps, and C-STORE responses encoded directly. Bulk socket
     #: reads (which carry the PDU size limit) are always on.
     transport_tuning: bool = True

@@ -17,7 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage
 
 from dcn_node.config import Settings, parse_settings
-from dcn_node.service import Node
+from dcn_node.node import Node
 
 NODE_AET = "DCN_NODE"
 
@@ -154,9 +154,9 @@ def start_node(spool_dir: Path) -> Iterator[Callable[..., Node]]:
 def make_untrained_models(out: Path) -> Path:
     """Write lite-profile weights straight from initialisation (seeded) into ``out``."""
     import torch
+    from dcn_train.trainer import TrainSettings, save_weights
 
     from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
-    from dcn_node.training.trainer import TrainSettings, save_weights
 
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,11 +175,11 @@ def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_ct() -> Path:
-    """The cache of real CTs (dcn_node.training.real_ct): fetched once (SHA-256-checked)
+    """The cache of real CTs (dcn_train.real_ct): fetched once (SHA-256-checked)
     into ``$DCN_NODE_REAL_CT_CACHE`` or ``var/real-ct`` of the checkout, never into git."""
     cache = Path(os.environ.get("DCN_NODE_REAL_CT_CACHE",
                                 Path(__file__).resolve().parents[1] / "var" / "real-ct"))
-    from dcn_node.training.real_ct import real_cases
+    from dcn_train.real_ct import real_cases
 
     real_cases(cache)  # fetch everything once, up front
     return cache

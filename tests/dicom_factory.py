@@ -1,6 +1,6 @@
 """Small hand-made CT series for receiver and assembly tests.
 
-The phantom generator (dcn_node.phantom) makes realistic chest CTs; these are tiny
+The phantom generator (dcn_train.phantom) makes realistic chest CTs; these are tiny
 (32x32 by default) so that geometry edge cases (gaps, localizers, two acquisitions) are
 cheap to build and obvious to read.
 """

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dcn_node import transport_tuning
+from dcn_node.net import transport_tuning
 from tests.conftest import NODE_AET
 from tests.dicom_factory import ct_series
 from tests.node_process import NodeProcess

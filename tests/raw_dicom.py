@@ -16,7 +16,7 @@ from pydicom.filewriter import write_dataset
 from pynetdicom import _config
 from pynetdicom.association import Association
 
-from dcn_node.receiver import encode_file_meta
+from dcn_node.net.receiver import encode_file_meta
 
 
 def encode(ds: Dataset, implicit: bool = False) -> bytes:

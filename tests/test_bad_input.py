@@ -35,9 +35,9 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage
 
-from dcn_node.quarantine import Quarantine, RefusedInstance, quarantine_usage
-from dcn_node.receiver import accepted_transfer_syntaxes
-from dcn_node.service import Node
+from dcn_node.net.receiver import accepted_transfer_syntaxes
+from dcn_node.node import Node
+from dcn_node.store.quarantine import Quarantine, RefusedInstance, quarantine_usage
 from dcn_node.volume import AIR_HU, load_series
 from tests.conftest import NODE_AET, send_datasets, test_config, wait_for
 from tests.dicom_factory import ct_series, ct_slice, write_files
@@ -265,7 +265,7 @@ def test_spool_paths_stay_in_the_spool_whatever_the_uids(tmp_path: Path, bad_uid
     from dataclasses import replace
 
     from dcn_node.header import header_from_dataset
-    from dcn_node.spool import Spool
+    from dcn_node.store.spool import Spool
 
     spool = Spool(tmp_path / "spool")
     header = replace(header_from_dataset(ct_series(1)[0]), study_instance_uid=bad_uid,
@@ -286,7 +286,7 @@ def test_an_instance_is_stored_after_its_series_folder_was_removed(tmp_path: Pat
     import shutil
 
     from dcn_node.header import header_from_dataset
-    from dcn_node.spool import Spool
+    from dcn_node.store.spool import Spool
 
     spool = Spool(tmp_path / "spool", fsync=fsync)
     first, second = (header_from_dataset(ds) for ds in ct_series(2))

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine, calibrated
-from dcn_node.training.calibration import (
+from dcn_train.calibration import (
     calibrate,
     choose_mapping,
     expected_calibration_error,
     fit_platt,
     threshold_for_specificity,
 )
+
+from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine, calibrated
 
 
 def test_platt_recovers_a_known_logistic_model() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dcn_node.outbox import Outbox
+from dcn_node.store.outbox import Outbox
 from tests.conftest import send_datasets, wait_for
 from tests.dicom_factory import ct_series
 from tests.faults import kill_rounds
@@ -119,7 +119,7 @@ def test_out_of_memory_in_the_model_fails_that_series_and_the_node_carries_on(
     spool_dir: Path, untrained_models: Path, pacs: RecordingPacs, caplog
 ) -> None:
     from dcn_node.config import parse_settings
-    from dcn_node.service import Node
+    from dcn_node.node import Node
     from tests.conftest import test_config
     from tests.test_metrics import value
 

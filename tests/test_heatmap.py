@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dcn_train.phantom import generate_phantom
 
 from dcn_node.config import ResultsSettings
 from dcn_node.inference.engine import Engine
-from dcn_node.phantom import generate_phantom
 from dcn_node.results.sc import key_slices, overlay_layout, render_overlay
 from dcn_node.volume import load_dicom_folder
 

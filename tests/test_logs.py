@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dcn_node.logs import configure_logging
-from dcn_node.summary import describe, log_summary
+from dcn_node.ops.logs import configure_logging
+from dcn_node.pipeline.summary import describe, log_summary
 
 SUMMARY = {"event": "series_summary", "study_instance_uid": "1.2.3", "series_instance_uid":
            "1.2.3.4", "generation": 0, "outcome": "delivered", "instances": 24,
@@ -61,7 +61,7 @@ def test_library_debug_and_warning_values_stay_out(log_file: Path) -> None:
     chatty.debug("dataset: PatientName DOE^JANE")
     chatty.info("PatientID 12345")
     logging.getLogger("pydicom").debug("(0010,0010) PN DOE^JANE")
-    logging.getLogger("dcn_node.receiver").debug("own debug line")
+    logging.getLogger("dcn_node.net.receiver").debug("own debug line")
     chatty.warning("library warning")
     with warnings.catch_warnings():
         warnings.simplefilter("always")

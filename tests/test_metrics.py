@@ -14,9 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
-from dcn_node.outbox import ResultObject
-from dcn_node.service import Node
-from dcn_node.spool import Job
+from dcn_node.node import Node
+from dcn_node.store.outbox import ResultObject
+from dcn_node.store.spool import Job
 from tests.conftest import AssociationRejected, free_port, require_tool, send_datasets, wait_for
 from tests.dicom_factory import ct_series, ct_slice
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dcn_train.phantom import generate_phantom
 from PIL import Image
 
 from dcn_node.config import ResultsSettings
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR
-from dcn_node.phantom import generate_phantom
 from dcn_node.results import build_results
 from dcn_node.results.sc import WARNING_RGB
 from dcn_node.results.sr import measurements

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from scipy import ndimage
-
-from dcn_node.phantom import (
+from dcn_train.phantom import (
     PhantomVolume,
     generate_phantom,
     generate_volume,
     write_series,
 )
+from scipy import ndimage
 
 M = 128  # matrix used by most tests; anatomy and lesions do not depend on it
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dcn_train.phantom import PhantomCase, generate_phantom
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dcn_node.outbox import Outbox
-from dcn_node.phantom import PhantomCase, generate_phantom
-from dcn_node.spool import Spool
+from dcn_node.store.outbox import Outbox
+from dcn_node.store.spool import Spool
 from tests.conftest import NODE_AET, free_port, require_tool, send_datasets, wait_for
 from tests.node_process import NodeProcess
 from tests.orthanc import ORTHANC_AET, Orthanc, orthanc_workdir

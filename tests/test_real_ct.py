@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dcn_train.findings import Geometry, insert_covid_lesions
+from dcn_train.real_ct import real_cases
 
 from dcn_node.inference.engine import Engine
-from dcn_node.training.findings import Geometry, insert_covid_lesions
-from dcn_node.training.real_ct import real_cases
 from dcn_node.volume import Volume, load_dicom_folder
 from tests.lung_reference import dsc, reference_lung_mask
 

@@ -22,7 +22,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import EnhancedCTImageStorage, MRImageStorage, Verification
 
-from dcn_node.receiver import IMPLEMENTATION_CLASS_UID, encode_file_meta
+from dcn_node.net.receiver import IMPLEMENTATION_CLASS_UID, encode_file_meta
 from tests.conftest import (
     NODE_AET,
     AssociationRejected,
@@ -78,7 +78,7 @@ def test_echo_with_dcmtk_echoscu(start_node) -> None:
 
 
 def test_phantom_series_from_storescu_completes_once(start_node, tmp_path: Path) -> None:
-    from dcn_node.phantom import generate_phantom
+    from dcn_train.phantom import generate_phantom
 
     case = generate_phantom(tmp_path / "case", seed=3, slices=110, matrix=128)
     node = start_node()
@@ -374,7 +374,8 @@ def test_a_node_process_receives_a_storescu_series_with_tuning_on_or_off(
     """node.transport_tuning in its own process (pynetdicom's patches are process-wide):
     with pynetdicom's own threads, polling and decoding, or with ours, the same series
     arrives whole, is queued once and every file is the instance sent."""
-    from dcn_node.phantom import generate_phantom
+    from dcn_train.phantom import generate_phantom
+
     from tests.node_process import NodeProcess
 
     case = generate_phantom(tmp_path / "case", seed=5, slices=40, matrix=128)

@@ -19,13 +19,13 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dcn_train.phantom import generate_phantom
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from scipy import ndimage
 
 from dcn_node.config import ResultsSettings, load_config
 from dcn_node.inference.engine import AnalysisResult
-from dcn_node.phantom import generate_phantom
 from dcn_node.results import ResultEncodingError, ResultSet, build_results
 from dcn_node.results.sc import OUTLINE_RGB, WARNING_RGB, heat_map, key_slices
 from dcn_node.results.seg import build_segmentation

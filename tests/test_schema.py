@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dcn_node import schema
-from dcn_node.outbox import Outbox
-from dcn_node.spool import Spool
+from dcn_node.store import schema
+from dcn_node.store.outbox import Outbox
+from dcn_node.store.spool import Spool
 
 #: d2ac3fb dcn_node/spool.py: the first index (no frame counts, no timeline, no outbox).
 SCHEMA_D2AC3FB = """

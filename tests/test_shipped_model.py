@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dcn_train.evaluation import PixelCounts
+from dcn_train.phantom import generate_phantom
 
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
 from dcn_node.inference.weights import load_manifest, sha256_of
-from dcn_node.phantom import generate_phantom
-from dcn_node.training.evaluation import PixelCounts
 from dcn_node.volume import load_dicom_folder
 
 

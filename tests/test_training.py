@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from dcn_node.training.evaluation import Classification, PixelCounts, auc
-from dcn_node.training.losses import dcn_loss, dice_loss_per_slice
+from dcn_train.evaluation import Classification, PixelCounts, auc
+from dcn_train.losses import dcn_loss, dice_loss_per_slice
 
 
 def test_dice_loss_is_zero_for_a_perfect_mask_and_one_for_disjoint() -> None:
@@ -76,8 +75,7 @@ def _train(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
     import nibabel
     import nrrd
-
-    from dcn_node.phantom import generate_phantom
+    from dcn_train.phantom import generate_phantom
 
     rows = ["image,lung_mask,lesion_mask,label"]
     for seed, normal in ((1, False), (2, True)):
@@ -100,7 +98,7 @@ def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
                    "--dcn-epochs", "1")
     assert first.returncode == 0, first.stderr
     assert (out / "checkpoints" / "lung.pt").exists()
-    from dcn_node.training.cases import Case
+    from dcn_train.cases import Case
 
     cached = sorted(cache.glob("*.npz"))
     assert len(cached) == 2
@@ -157,8 +155,7 @@ def test_nifti_and_nrrd_are_read_in_the_dicom_orientation(tmp_path: Path) -> Non
     posterior, columns right to left."""
     import nibabel
     import nrrd
-
-    from dcn_node.training.cases import read_volume
+    from dcn_train.cases import read_volume
 
     rng = np.random.default_rng(5)
     volume = rng.integers(-1000, 400, size=(6, 7, 8)).astype(np.int16)  # (z, y, x) in LPS

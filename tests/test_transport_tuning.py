@@ -1,4 +1,4 @@
-"""The pynetdicom transport tuning (dcn_node/transport_tuning.py): the hand-encoded C-STORE
+"""The pynetdicom transport tuning (dcn_node/net/transport_tuning.py): the hand-encoded C-STORE
 response is byte for byte pynetdicom's, and a tuned SCP answers real associations."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
-from dcn_node.transport_tuning import encode_store_response
+from dcn_node.net.transport_tuning import encode_store_response
 
 
 def _response(status: int, message_id: int, instance_uid: str) -> C_STORE:
@@ -57,7 +57,7 @@ def test_a_requestors_reactor_leaves_responses_to_the_waiting_thread() -> None:
     import queue
     from types import SimpleNamespace
 
-    from dcn_node.transport_tuning import _get_msg_leaving_responses
+    from dcn_node.net.transport_tuning import _get_msg_leaving_responses
 
     response = _response(0x0000, 1, "1.2.3")
     request = C_STORE()
@@ -122,7 +122,7 @@ def test_store_requests_read_directly_equal_pynetdicom(priority: int, instance_u
                                                        message_id: int) -> None:
     from pynetdicom.dimse_messages import DIMSEMessage
 
-    from dcn_node.transport_tuning import install, store_request_from_message
+    from dcn_node.net.transport_tuning import install, store_request_from_message
 
     assert install()
     message = _received_store_request(instance_uid, priority, message_id)
@@ -142,13 +142,13 @@ def test_store_requests_read_directly_equal_pynetdicom(priority: int, instance_u
 @pytest.mark.parametrize("instance_uid", ["1.02.3", "1.2.x", "1.2..3", "1.2.3 4"])
 def test_unusual_store_requests_are_left_to_pynetdicom(instance_uid: str) -> None:
     """Non-conformant UIDs get pynetdicom's own warnings or errors."""
-    from dcn_node.transport_tuning import store_request_from_message
+    from dcn_node.net.transport_tuning import store_request_from_message
 
     assert store_request_from_message(_received_store_request(instance_uid)) is None
 
 
 def test_store_requests_of_move_sub_operations_are_left_to_pynetdicom() -> None:
-    from dcn_node.transport_tuning import store_request_from_message
+    from dcn_node.net.transport_tuning import store_request_from_message
 
     message = _received_store_request("1.2.3", move_originator="MOVER")
     assert store_request_from_message(message) is None
@@ -157,7 +157,7 @@ def test_store_requests_of_move_sub_operations_are_left_to_pynetdicom() -> None:
 def test_command_sets_with_other_elements_are_left_to_pynetdicom() -> None:
     import struct
 
-    from dcn_node.transport_tuning import _command_elements
+    from dcn_node.net.transport_tuning import _command_elements
 
     good = _received_store_request("1.2.3").encoded_command_set.getvalue()
     assert _command_elements(good) is not None
@@ -175,7 +175,7 @@ def test_pdv_items_are_split_as_pynetdicom_splits_them() -> None:
 
     from pynetdicom.pdu import P_DATA_TF
 
-    from dcn_node.transport_tuning import _pdv_items
+    from dcn_node.net.transport_tuning import _pdv_items
 
     def item(context_id: int, data: bytes) -> bytes:
         return struct.pack(">LB", len(data) + 1, context_id) + data
@@ -201,7 +201,7 @@ def test_message_assembly_reads_back_to_back_messages_and_hands_others_on() -> N
     from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
     from pynetdicom.dimse_primitives import C_ECHO
 
-    from dcn_node.transport_tuning import _MessageAssembly
+    from dcn_node.net.transport_tuning import _MessageAssembly
 
     def pdvs(message, primitive):  # type: ignore[no-untyped-def]
         message.primitive_to_message(primitive)
@@ -251,9 +251,9 @@ def test_store_requests_are_served_on_the_thread_that_read_them(monkeypatch) -> 
     from pynetdicom.dsutils import encode
     from pynetdicom.sop_class import Verification
 
-    from dcn_node import transport_tuning
+    from dcn_node.net import transport_tuning
 
-    # As in the node (dcn_node/logs.py): pynetdicom's PDU-level log handlers unbound;
+    # As in the node (dcn_node/ops/logs.py): pynetdicom's PDU-level log handlers unbound;
     # bound, they need pynetdicom's own PDU reading.
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
     assert transport_tuning.install()
@@ -326,7 +326,7 @@ def test_another_pynetdicom_release_falls_back_to_stock_with_one_warning(
         monkeypatch, start_node, caplog) -> None:
     import pynetdicom
 
-    from dcn_node import transport_tuning
+    from dcn_node.net import transport_tuning
     from tests.conftest import send_datasets
     from tests.dicom_factory import ct_series
 
@@ -337,7 +337,7 @@ def test_another_pynetdicom_release_falls_back_to_stock_with_one_warning(
         node = start_node(node={"transport_tuning": True})
         assert not transport_tuning._installed
         warnings = [r.getMessage() for r in caplog.records
-                    if r.name == "dcn_node.transport_tuning" and r.levelno == logging.WARNING]
+                    if r.name == "dcn_node.net.transport_tuning" and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "3.0.5" in warnings[0] and "3.0.4" in warnings[0]
         assert send_datasets(ct_series(3), node.receiver.port) == [0, 0, 0]
     finally:
@@ -349,8 +349,8 @@ def test_debug_logging_does_not_change_the_receive_path(monkeypatch, start_node)
     which need its own reading, are never bound; their lines would be filtered anyway)."""
     from pynetdicom import _config
 
-    from dcn_node import transport_tuning
-    from dcn_node.logs import configure_logging
+    from dcn_node.net import transport_tuning
+    from dcn_node.ops.logs import configure_logging
     from tests.conftest import send_datasets
     from tests.dicom_factory import ct_series
 

@@ -203,7 +203,7 @@ def calibrated(probability: float | np.ndarray, calibration: dict[str, float] | 
                ) -> float | np.ndarray:
     """Platt scaling of the SPM's probability (a number or an array): sigmoid(scale *
     logit(p) + shift), fitted on validation cases (``calibration`` of the manifest, made by
-    :mod:`dcn_node.training.calibration`; None: unchanged)."""
+    :mod:`dcn_train.calibration`; None: unchanged)."""
     if not calibration:
         return probability
     p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1 - 1e-7)
@@ -231,7 +231,7 @@ class Engine:
     mapping:
         The individual-level mapping, ``fcn`` (the trained SPM) or ``max`` (the largest
         slice probability); None: the manifest's ``mapping`` (chosen on validation cases by
-        :mod:`dcn_node.training.calibration`), else ``fcn``.
+        :mod:`dcn_train.calibration`), else ``fcn``.
     """
 
     def __init__(

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dcn_node.header import is_valid_uid
-from dcn_node.spool import fsync_folder, write_parts
+from dcn_node.store.spool import fsync_folder, write_parts
 
 LOGGER = logging.getLogger(__name__)
 

@@ -28,20 +28,20 @@ from typing import Any, TypeVar
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dcn_node import systemd
 from dcn_node.config import Settings
-from dcn_node.encoder import ResultEncoder
 from dcn_node.errors import FailureReason
-from dcn_node.health import Liveness, Readiness, outbox_problem, spool_free_bytes, spool_problem
-from dcn_node.metrics import MetricsServer, NodeMetrics, NodeState
-from dcn_node.outbox import Backlog, Delivery, Outbox
-from dcn_node.quarantine import Quarantine
-from dcn_node.receiver import Refusal, StorageSCP
-from dcn_node.sender import DestinationSender
-from dcn_node.series import SeriesAssembler
-from dcn_node.spool import Job, Spool
-from dcn_node.summary import build_summary, log_summary
-from dcn_node.worker import ModelWorker
+from dcn_node.net.receiver import Refusal, StorageSCP
+from dcn_node.net.sender import DestinationSender
+from dcn_node.ops import systemd
+from dcn_node.ops.health import Liveness, Readiness, outbox_problem, spool_free_bytes, spool_problem
+from dcn_node.ops.metrics import MetricsServer, NodeMetrics, NodeState
+from dcn_node.pipeline.encoder import ResultEncoder
+from dcn_node.pipeline.series import SeriesAssembler
+from dcn_node.pipeline.summary import build_summary, log_summary
+from dcn_node.pipeline.worker import ModelWorker
+from dcn_node.store.outbox import Backlog, Delivery, Outbox
+from dcn_node.store.quarantine import Quarantine
+from dcn_node.store.spool import Job, Spool
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Health of a running node: liveness (threads alive) and readiness (fit to take work).
 
 ``/healthz`` answers from :class:`Liveness`, ``/readyz`` from :class:`Readiness`; both are
-assembled by :meth:`dcn_node.service.Node.liveness` and :meth:`~dcn_node.service.Node.readiness`
+assembled by :meth:`dcn_node.node.Node.liveness` and :meth:`~dcn_node.node.Node.readiness`
 from the small checks here. The systemd watchdog is fed only while the node is live.
 """
 

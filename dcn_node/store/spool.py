@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dcn_node import schema
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, read_header_from_file
+from dcn_node.store import schema
 
 LOGGER = logging.getLogger(__name__)
 

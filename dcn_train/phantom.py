@@ -1,6 +1,6 @@
 """Synthetic chest CT phantoms with lung and lesion ground truth, as DICOM CT series.
 
-A phantom is a seeded patient (:mod:`dcn_node.phantom_anatomy`): torso, fat, muscle, breasts,
+A phantom is a seeded patient (:mod:`dcn_train.phantom_anatomy`): torso, fat, muscle, breasts,
 arms, ribs, spine, sternum, scapulae, clavicles, heart, aorta, trachea and main bronchi,
 diaphragm domes over liver and stomach, the table, two lungs with a gravity gradient and
 branching vessels and bronchi; COVID-like lesions (ground glass, consolidation, crazy paving)
@@ -30,7 +30,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from dcn_node import __version__
-from dcn_node.phantom_anatomy import (
+from dcn_train.phantom_anatomy import (
     F32,
     LUNG,
     MEDFAT,

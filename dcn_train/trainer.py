@@ -32,8 +32,8 @@ from dcn_node.inference.engine import cpu_supports_bfloat16, run_lung_then_dcn
 from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
 from dcn_node.inference.networks import resample_slice_probabilities as resample
 from dcn_node.inference.weights import load_checked_state, load_manifest, save_weights
-from dcn_node.training.cases import Case
-from dcn_node.training.losses import dcn_loss, dice_loss
+from dcn_train.cases import Case
+from dcn_train.losses import dcn_loss, dice_loss
 
 __all__ = ["TrainSettings", "Trainer", "save_weights"]
 

@@ -20,7 +20,7 @@ dataset UIDs differ from the request   0xA900  Error: Data Set does not match
 A refused instance is not acknowledged, so the sender keeps it and reports the failure;
 the node logs the reason and counts it (``dcn_bad_input_total{reason}``). An instance
 refused for its content (0xC000, 0xA900) is also kept in the quarantine with the reason
-(:mod:`dcn_node.quarantine`); an 0xA700 refusal is not (the disk is the problem, and the
+(:mod:`dcn_node.store.quarantine`); an 0xA700 refusal is not (the disk is the problem, and the
 sender sends it again).
 
 Transfer syntaxes are offered only when pydicom has a working decoder for them (the
@@ -59,12 +59,13 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dcn_node import __version__, limits, transport_tuning
+from dcn_node import __version__
 from dcn_node.config import ScpTlsSettings, Settings
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, is_valid_uid, read_header
-from dcn_node.quarantine import Quarantine, RefusedInstance
-from dcn_node.spool import Spool
+from dcn_node.net import limits, transport_tuning
+from dcn_node.store.quarantine import Quarantine, RefusedInstance
+from dcn_node.store.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ class StorageSCP:
         limits.set_limits(ae, node.maximum_pdu_size, node.max_dataset_bytes,
                           self._bad_input)
         # Our C-STORE handler sends nothing back on the association: it may run on the
-        # thread that read the request (dcn_node/transport_tuning.py).
+        # thread that read the request (dcn_node/net/transport_tuning.py).
         transport_tuning.serve_stores_inline(ae)
         return ae
 
@@ -298,7 +299,7 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening (returns at once; associations run on their own threads)."""
-        # Always: bulk reads carry the PDU length limit (dcn_node/limits.py), and
+        # Always: bulk reads carry the PDU length limit (dcn_node/net/limits.py), and
         # pynetdicom's requestors must keep their responses (our sender is one).
         transport_tuning.install_safeguards()
         if self.settings.node.transport_tuning:

@@ -9,7 +9,7 @@ DICOM has no "series complete" signal. A series is complete when
 
 A complete series is then validated (CT, axial, one geometry, enough slices, no duplicates,
 no gaps, not a localizer), checked against the selection rules, and queued for the model.
-A late arrival reopens the series (see :mod:`dcn_node.spool`), which then completes again
+A late arrival reopens the series (see :mod:`dcn_node.store.spool`), which then completes again
 after the quiet period (the announced count is reached already by the earlier instances, so
 it cannot tell that a re-send is over).
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dcn_node.config import CompletionSettings, SelectionSettings
-from dcn_node.spool import SeriesRecord, Spool, StoredInstance
+from dcn_node.store.spool import SeriesRecord, Spool, StoredInstance
 
 LOGGER = logging.getLogger(__name__)
 

@@ -95,7 +95,7 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,
 
 def reliability_png(path: Path, labels: np.ndarray, curves: dict[str, np.ndarray],
                     bins: int = 10) -> None:
-    from dcn_node.training.evaluation import save_curves_png
+    from dcn_train.evaluation import save_curves_png
 
     labels = np.asarray(labels, float)
     lines = []
@@ -119,7 +119,7 @@ def choose_mapping(labels: np.ndarray, raw_by_mapping: dict[str, np.ndarray]
                    ) -> tuple[str, dict[str, float]]:
     """The mapping whose raw probabilities rank ``labels`` best (AUC), and every AUC; on a
     tie the first one given (``fcn``, the paper's)."""
-    from dcn_node.training.evaluation import auc
+    from dcn_train.evaluation import auc
 
     aucs = {name: round(auc(labels, np.asarray(raw, float)), 4)
             for name, raw in raw_by_mapping.items()}

@@ -5,7 +5,7 @@
   supine patient.
 * ``other``: a phantom with one to three non-COVID findings (label 0, empty lesion mask):
   nodules, masses, emphysema, fibrosis, effusion, atelectasis, lobar consolidation, metal.
-* real CTs (:mod:`dcn_node.training.real_ct`): as they are (label 0: lung cancers), with
+* real CTs (:mod:`dcn_train.real_ct`): as they are (label 0: lung cancers), with
   other findings added, and with COVID-19 lesions inserted into their real parenchyma
   (label 1; the inserted mask is the truth). Their lung truth is the classical lung mask.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcn_node.training.findings import Geometry, add_other_disease, insert_covid_lesions
+from dcn_train.findings import Geometry, add_other_disease, insert_covid_lesions
 
 LOGGER = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _renoise(rng: np.random.Generator, before: np.ndarray, after: np.ndarray, sd
 
 def phantom_case(seed: int, kind: str, thickness_mm: float) -> CaseVolume:
     """A phantom of ``kind`` (covid, normal, other) from ``seed``."""
-    from dcn_node.phantom import generate_volume
+    from dcn_train.phantom import generate_volume
 
     volume = generate_volume(seed, thickness_mm=thickness_mm, normal=kind != "covid")
     rng = np.random.default_rng([seed, 77])
@@ -144,7 +144,7 @@ def cache_cases(cases: Iterable[tuple[str, Callable[[], CaseVolume]]], cache_dir
                 size: int) -> list[Path]:
     """Cache each case at the network size as ``<name>-c<version>-<size>.npz``; ``cases``
     are (name, factory) pairs and a factory runs only for a case not cached yet."""
-    from dcn_node.training.cases import make_case
+    from dcn_train.cases import make_case
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -173,7 +173,7 @@ def training_corpus(cache_dir: Path, size: int, phantoms: int, real_cache: Path 
         (f"phantom-{seed}-{kind}", functools.partial(phantom_case, seed, kind, thickness))
         for seed, kind, thickness in phantom_seeds(first, phantoms)]
     if real_cache is not None:
-        from dcn_node.training.real_ct import real_cases
+        from dcn_train.real_ct import real_cases
 
         @functools.lru_cache(maxsize=1)  # one scan's variants at a time, each made once
         def variants_of(index: int, case: object) -> dict[str, CaseVolume]:

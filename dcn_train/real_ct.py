@@ -175,7 +175,7 @@ def _deb_data(deb: Path) -> tarfile.TarFile:
 
 def _write_head_series(deb: Path, target: Path) -> None:
     """The InVesalius "Cranium" example (raw int16 HU, z y x) written as a CT series."""
-    from dcn_node.phantom import PhantomVolume, write_series
+    from dcn_train.phantom import PhantomVolume, write_series
 
     with _deb_data(deb) as data:
         member = data.extractfile(_CRANIUM)

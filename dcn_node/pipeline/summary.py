@@ -16,9 +16,10 @@ import logging
 import time
 from typing import Any
 
-from dcn_node.spool import Spool
+from dcn_node.store.spool import Spool
 
-LOGGER = logging.getLogger(__name__)
+# The summary lines are an interface (docs/operations.md): the logger keeps its name.
+LOGGER = logging.getLogger("dcn_node.summary")
 
 #: ``outcome`` values of the summary line.
 SUMMARY_OUTCOMES = ("ignored", "rejected", "failed", "processed", "delivered",

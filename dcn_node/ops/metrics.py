@@ -38,8 +38,8 @@ from prometheus_client.registry import Collector
 
 from dcn_node import __version__
 from dcn_node.errors import FailureReason
-from dcn_node.health import READINESS_CHECKS, Liveness, Readiness
-from dcn_node.quarantine import SKIP_REASONS
+from dcn_node.ops.health import READINESS_CHECKS, Liveness, Readiness
+from dcn_node.store.quarantine import SKIP_REASONS
 
 LOGGER = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 
-from dcn_node import transport_tuning
 from dcn_node.config import Destination, SenderSettings
-from dcn_node.outbox import Delivery, Outbox
+from dcn_node.net import transport_tuning
+from dcn_node.store.outbox import Delivery, Outbox
 
 LOGGER = logging.getLogger(__name__)
 

@@ -73,7 +73,7 @@ time per image, cProfile). A P-DATA-TF PDU in an established association (Sta6 +
 DIMSE layer, so for the marked AEs :func:`_read_pdu_data_direct` reads the PDU itself and
 gives its PDVs to :class:`_MessageAssembly`: a plain C-STORE request is assembled there
 (command read directly, fragments written into one buffer as they arrive, the
-dataset-size limit of :mod:`dcn_node.limits` applied as they do); any other message goes
+dataset-size limit of :mod:`dcn_node.net.limits` applied as they do); any other message goes
 to pynetdicom's ``receive_primitive`` whole. Every other PDU is decoded and queued for
 the state machine exactly as pynetdicom's own reader does. Other states, TLS sockets,
 pynetdicom's chunked datasets, or handlers bound to PDU or DIMSE events: pynetdicom's
@@ -96,7 +96,7 @@ to a bytearray: ~37,000 Python-level calls for a 150 MB series. :func:`bulk_recv
 straight into one preallocated buffer with ``recv_into``, as many bytes as the kernel has.
 The buffer grows with what arrives (at most :data:`MAX_PREALLOCATION_BYTES` ahead), never
 to the length a peer merely declares, and PDUs over the receiving AE's limit are refused
-before anything is read (:func:`dcn_node.limits.check_pdu_length`). The Storage SCP always
+before anything is read (:func:`dcn_node.net.limits.check_pdu_length`). The Storage SCP always
 installs the bulk reads for that reason, and the response fix above with them
 (:func:`install_safeguards`); the rest follows ``node.transport_tuning``.
 """
@@ -131,7 +131,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from dcn_node.header import is_valid_uid
-from dcn_node.limits import check_pdu_length, dataset_too_large
+from dcn_node.net.limits import check_pdu_length, dataset_too_large
 
 LOGGER = logging.getLogger(__name__)
 

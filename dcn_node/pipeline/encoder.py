@@ -19,9 +19,9 @@ from pathlib import Path
 
 from dcn_node.config import Settings
 from dcn_node.errors import FailureReason
-from dcn_node.outbox import Outbox, ResultObject
-from dcn_node.spool import Job, Spool
-from dcn_node.worker import FinishedCallback, TimingCallback
+from dcn_node.pipeline.worker import FinishedCallback, TimingCallback
+from dcn_node.store.outbox import Outbox, ResultObject
+from dcn_node.store.spool import Job, Spool
 
 LOGGER = logging.getLogger(__name__)
 

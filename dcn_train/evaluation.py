@@ -172,7 +172,7 @@ def delta_table(optimized: _Scores, baseline: _Scores) -> str:
 
 def _generator_v2_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, int, str]:
     """The earlier held-out set: alternately lesions and normal, 5 and 1 mm."""
-    from dcn_node.phantom import generate_phantom
+    from dcn_train.phantom import generate_phantom
 
     thickness = (5.0, 1.0)[(index // 2) % 2]
     case = generate_phantom(case_dir, seed, thickness_mm=thickness, normal=index % 2 == 1)
@@ -182,8 +182,8 @@ def _generator_v2_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dic
 
 def _corpus_v3_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, int, str]:
     """Phantoms with COVID-19, normal, or with other disease (corpus v3 kinds)."""
-    from dcn_node.phantom import PhantomVolume, write_series
-    from dcn_node.training.corpus import phantom_case, phantom_seed
+    from dcn_train.corpus import phantom_case, phantom_seed
+    from dcn_train.phantom import PhantomVolume, write_series
 
     _, kind, thickness = phantom_seed(seed - index, index)
     volume = phantom_case(seed, kind, thickness)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dcn_node.errors import FailureReason
-from dcn_node.spool import Job, Spool
+from dcn_node.store.spool import Job, Spool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ TimingCallback = Callable[[str, float], None]
 #: (job, "done" or "failed", the recorded reason, the failure's fixed reason).
 FinishedCallback = Callable[[Job, str, str | None, FailureReason | None], None]
 
-#: Engine timing keys -> stage names of the metrics (dcn_node.metrics.STAGES).
+#: Engine timing keys -> stage names of the metrics (dcn_node.ops.metrics.STAGES).
 _ENGINE_STAGES = ("preprocessing", "lung_segmentation", "dcn", "spm", "postprocessing")
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dcn_node.spool import Job, Spool
+from dcn_node.store.spool import Job, Spool
 
 LOGGER = logging.getLogger(__name__)
 

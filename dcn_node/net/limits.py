@@ -6,7 +6,7 @@ does a C-STORE handler see it. So a limit checked in the handler comes too late:
 memory is spent. Two checks run where the bytes arrive instead:
 
 * **PDU length** (:func:`check_pdu_length`, called by the socket read in
-  :mod:`dcn_node.transport_tuning`): a PDU longer than ``node.maximum_pdu_size`` (when set;
+  :mod:`dcn_node.net.transport_tuning`): a PDU longer than ``node.maximum_pdu_size`` (when set;
   otherwise ``node.max_dataset_bytes`` plus room for the command) closes the connection
   before anything is allocated.
 * **Malformed DIMSE messages** abort the association instead of killing pynetdicom's

@@ -1,11 +1,11 @@
-"""Anatomy of the synthetic chest CT behind :mod:`dcn_node.phantom`.
+"""Anatomy of the synthetic chest CT behind :mod:`dcn_train.phantom`.
 
 Coordinates are patient LPS in millimetres: ``x`` towards the patient's left (image columns),
 ``y`` posterior (image rows, so anterior is at the top of the image), ``z`` superior.
 ``z = 0`` is the deepest point of the lung bases, ``z = height`` the lung apex, and the anatomy
 is laid out against the normalised height ``u = z / height``. Slices are rendered one at a time
 in 2-D with numpy (1-D coordinate vectors and broadcasting, bounding boxes for small
-structures); :mod:`dcn_node.phantom` then adds vessels, airways and lesions in 3-D.
+structures); :mod:`dcn_train.phantom` then adds vessels, airways and lesions in 3-D.
 Every draw comes from a generator the caller seeds.
 """
 

@@ -83,7 +83,7 @@ def phantom_cases(
 ) -> list[Path]:
     """Generate (or reuse) phantom cases: every ``normal_every``-th seed is normal, slice
     thickness cycles through ``thicknesses``. Returns the cached case files."""
-    from dcn_node.phantom import GENERATOR_VERSION, generate_volume
+    from dcn_train.phantom import GENERATOR_VERSION, generate_volume
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = []
