@@ -1,104 +1,12 @@
 """pynetdicom transport tuning: the receive path of a C-STORE without pynetdicom's
-per-message overheads, event-driven waits instead of 1 ms polling, bulk reads.
+per-message overheads (event-driven waits instead of 1 ms polling, C-STOREs served on the
+thread that read them, P-DATA and command sets read directly, bulk socket reads).
 
-Measured on a 300-image 512x512 CT sent by dcmtk's storescu over loopback; see
-bench/ingest.py (storescu waits for each response, so every microsecond spent per image
-is paid in full). Each change below touches pynetdicom internals, is checked against the
-version it was written for, and :func:`install` leaves pynetdicom untouched (with a
-warning) when it differs. Where a change skips a pynetdicom step, it does so only where
-that step would do nothing (a state transition to the same state, a check already made,
-events nobody listens to) and hands anything else to pynetdicom.
-
-Waits instead of polling sleeps
--------------------------------
-pynetdicom's two threads per association poll: the DUL thread (socket reader/writer) and
-the association reactor (runs our C-STORE handler) each sleep 1 ms whenever a loop found
-nothing to do (``DULServiceProvider._run_loop_delay`` and a fixed ``time.sleep(0.001)`` in
-``Association._run_reactor``). A C-STORE crosses three such sleeps: the reactor picking up
-the decoded message, then the DUL thread picking up our response, then reading the next
-request. storescu sends one image at a time, so each sleep is paid per image: ~1 ms each,
-about as long as dcmtk's storescp needs for a whole image.
-
-:func:`event_wait` replaces those two sleeps only. It still returns after at most the same
-1 ms (so pynetdicom's timers and checks keep their cadence), but returns *at once* when
-the thread has work:
-
-- an acceptor's reactor waits on the DIMSE message queue's own condition, which pynetdicom's
-  ``queue.put`` notifies when the DUL thread hands over a decoded message (and passes the
-  notification on, since ``put`` wakes only one waiter);
-- the DUL thread waits in ``select`` on its socket and on a wake-up socket pair that
-  :func:`_send_pdu_and_wake` writes to when the reactor queues a response.
-
-No thread spins: an earlier version that slept 0-50 us while busy starved other
-associations of the GIL on 2 cores (C-STOREs stalled past 30 s under 8 senders).
-
-Responses stay with the thread waiting for them
------------------------------------------------
-pynetdicom's pause of a requestor's reactor (while ``send_c_store`` waits for its response)
-reads a flag the reactor may have set just before it woke; on a busy CPU, with a peer that
-answers fast, the reactor can take the response and drop it as unexpected, and the sender
-times out after 30 s. :func:`_get_msg_leaving_responses` leaves responses in a requestor's
-queue for the blocking ``get_msg`` of the thread that sent the request.
-
-C-STORE responses
------------------
-pynetdicom turns every response primitive into a pydicom command-set Dataset and encodes it
-twice (once to measure the group length): ~18 % of the node's CPU per C-STORE. A C-STORE-RSP
-without an error comment or offending element is six fixed elements, so
-:func:`encode_store_response` writes them directly (implicit VR little endian, as PS3.7
-6.3.1 requires); tests/test_transport_tuning.py checks the bytes equal pynetdicom's for
-every status. Anything else, or an association with an ``EVT_DIMSE_SENT`` handler bound,
-goes through pynetdicom's own encoder.
-
-C-STOREs served where they arrive
----------------------------------
-pynetdicom decodes a DIMSE message on the DUL thread, queues it for the association's
-reactor thread, which runs the handler and queues the response back to the DUL thread:
-two thread hand-offs per image, each a GIL hand-over (strace: ~25 futex calls per image).
-storescu waits for each response before sending the next image, so the reactor gains no
-parallelism. For an AE marked with :func:`serve_stores_inline` (the Storage SCP), a
-complete C-STORE request is served on the DUL thread itself (:class:`_InlineStoreQueue`):
-same service class, same handler, same response, queued to the same DUL thread. Anything
-else (C-ECHO, a request on an unknown context, during release) goes to the reactor as
-before. A service class that fails is logged and the association aborted from a helper
-thread, as pynetdicom's reactor does (an abort from the DUL thread would wait on itself).
-
-P-DATA read directly
---------------------
-For every PDU pynetdicom builds a PDU object and its items, a P-DATA primitive, an event for
-its state machine and a transition; then its DIMSE layer decodes the command set with
-pydicom and copies each fragment into a buffer (together ~40 % of the receiving thread's
-time per image, cProfile). A P-DATA-TF PDU in an established association (Sta6 + Evt10
--> DT-2, which leaves the state at Sta6) only hands its presentation data values to the
-DIMSE layer, so for the marked AEs :func:`_read_pdu_data_direct` reads the PDU itself and
-gives its PDVs to :class:`_MessageAssembly`: a plain C-STORE request is assembled there
-(command read directly, fragments written into one buffer as they arrive, the
-dataset-size limit of :mod:`dcn_node.net.limits` applied as they do); any other message goes
-to pynetdicom's ``receive_primitive`` whole. Every other PDU is decoded and queued for
-the state machine exactly as pynetdicom's own reader does. Other states, TLS sockets,
-pynetdicom's chunked datasets, or handlers bound to PDU or DIMSE events: pynetdicom's
-path throughout. A malformed item list or fragment order gets pynetdicom's answer
-(Evt19: abort).
-
-C-STORE requests decoded directly
----------------------------------
-pynetdicom turns a received command set into a C-STORE primitive by iterating a pydicom
-Dataset and setting each element through validating setters (~13 % of the DUL thread's
-time per image, cProfile). :func:`store_request_from_message` reads the command set's
-bytes directly when it holds only the elements of a C-STORE-RQ and its UIDs are
-conformant; anything else (an odd element, a non-conformant UID, a custom validator) goes
-through pynetdicom's own conversion, warnings and errors included.
-
-Bulk reads
-----------
-``AssociationSocket.recv`` reads 4096 bytes per ``socket.recv`` call and appends each chunk
-to a bytearray: ~37,000 Python-level calls for a 150 MB series. :func:`bulk_recv` reads
-straight into one preallocated buffer with ``recv_into``, as many bytes as the kernel has.
-The buffer grows with what arrives (at most :data:`MAX_PREALLOCATION_BYTES` ahead), never
-to the length a peer merely declares, and PDUs over the receiving AE's limit are refused
-before anything is read (:func:`dcn_node.net.limits.check_pdu_length`). The Storage SCP always
-installs the bulk reads for that reason, and the response fix above with them
-(:func:`install_safeguards`); the rest follows ``node.transport_tuning``.
+What each change replaces, why it is safe and what it buys: docs/fast-receive-path.md.
+The only code that reaches into pynetdicom's internals; written for one pynetdicom release
+(:data:`PYNETDICOM_VERSION`, pinned in constraints.txt): :func:`install` leaves any other
+untouched, with one WARNING. The C-STORE command sets themselves are read and written by
+:mod:`dcn_node.net.store_codec`.
 """
 
 from __future__ import annotations
@@ -113,25 +21,30 @@ import threading
 import time
 import types
 from io import BytesIO
-from typing import Any, NamedTuple
+from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_primitives
 import pynetdicom.dul
 import pynetdicom.transport
-from pydicom import config as pydicom_config
 from pydicom.uid import UID
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom import _validators, evt
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from dcn_node.header import is_valid_uid
 from dcn_node.net.limits import check_pdu_length, dataset_too_large
+from dcn_node.net.store_codec import (
+    _CheckedUID,
+    _command_elements,
+    _plain_store_fields,
+    _StoreFields,
+    encode_store_response,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -271,34 +184,6 @@ def _get_msg_leaving_responses(self: Any, block: bool = False) -> Any:
     return _original_get_msg(self, block)
 
 
-def _element(element: int, value: bytes) -> bytes:
-    """A command-group (0000,eeee) element in implicit VR little endian."""
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    encoded = value.encode("ascii")
-    return encoded + b"\0" if len(encoded) % 2 else encoded
-
-
-def encode_store_response(primitive: Any) -> bytes | None:
-    """The command set of a C-STORE-RSP, as pynetdicom would encode it, or None when the
-    response carries more than the six usual elements (pynetdicom encodes those)."""
-    if (primitive.OffendingElement is not None or primitive.ErrorComment is not None
-            or primitive.AffectedSOPClassUID is None or primitive.AffectedSOPInstanceUID is None
-            or primitive.MessageIDBeingRespondedTo is None or primitive.Status is None):
-        return None
-    body = b"".join((
-        _element(0x0002, _uid(primitive.AffectedSOPClassUID)),
-        _element(0x0100, struct.pack("<H", 0x8001)),  # CommandField: C-STORE-RSP
-        _element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-        _element(0x0800, struct.pack("<H", 0x0101)),  # CommandDataSetType: no data set
-        _element(0x0900, struct.pack("<H", primitive.Status)),
-        _element(0x1000, _uid(primitive.AffectedSOPInstanceUID)),
-    ))
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
 _original_send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
 
 
@@ -409,44 +294,6 @@ def _dimse_init_serving_stores_inline(self: Any, assoc: Any) -> None:
         assoc.dul._dcn_assembly = _MessageAssembly(assoc.dul)
 
 
-#: Command-set elements of a C-STORE-RQ (PS3.7 9.3.1.1) and how each is read.
-_STORE_REQUEST_ELEMENTS = {
-    0x0000: "UL", 0x0002: "UI", 0x0100: "US", 0x0110: "US", 0x0700: "US", 0x0800: "US",
-    0x1000: "UI", 0x1030: "AE", 0x1031: "US",
-}
-
-
-def _command_elements(encoded: bytes) -> dict[int, bytes] | None:
-    """Group 0000 elements (implicit VR little endian) by element number, or None when
-    the bytes hold anything but C-STORE-RQ elements, each once."""
-    elements: dict[int, bytes] = {}
-    offset, end = 0, len(encoded)
-    while offset < end:
-        if offset + 8 > end:
-            return None
-        group, element, length = struct.unpack_from("<HHI", encoded, offset)
-        offset += 8
-        if (group != 0x0000 or element not in _STORE_REQUEST_ELEMENTS
-                or element in elements or offset + length > end):
-            return None
-        elements[element] = encoded[offset:offset + length]
-        offset += length
-    return elements
-
-
-class _CheckedUID(UID):
-    """A UID already found conformant and 1-64 characters long: pynetdicom's ``set_uid``
-    would accept it without a word, so :func:`_set_uid_trusting_checked` passes it on
-    as is (the C-STORE response repeats the request's UIDs)."""
-
-
-def _conformant_uid(raw: bytes) -> UID | None:
-    text = raw.rstrip(b"\0 ").decode("ascii", "replace")
-    if is_valid_uid(text):
-        return _CheckedUID(text, validation_mode=pydicom_config.IGNORE)
-    return None
-
-
 _original_set_uid = pynetdicom.dimse_primitives.set_uid
 
 
@@ -459,10 +306,6 @@ def _set_uid_trusting_checked(value: Any, name: str, allow_empty: bool = True,
     return _original_set_uid(value, name, allow_empty, allow_none, validate)
 
 
-def _us(raw: bytes) -> int | None:
-    return struct.unpack("<H", raw)[0] if len(raw) == 2 else None
-
-
 def store_request_from_message(message: Any) -> C_STORE | None:
     """The C-STORE primitive of a received C-STORE-RQ message, read straight from its
     encoded command set; None when pynetdicom's own conversion must do it."""
@@ -473,34 +316,6 @@ def store_request_from_message(message: Any) -> C_STORE | None:
     if fields is None:
         return None
     return _store_request(fields, message.context_id, message.data_set)
-
-
-class _StoreFields(NamedTuple):
-    """The command fields of a plain C-STORE request, read once."""
-
-    message_id: int
-    priority: int
-    class_uid: UID
-    instance_uid: UID
-
-
-def _plain_store_fields(elements: dict[int, bytes] | None) -> _StoreFields | None:
-    """The fields of a C-STORE-RQ with a data set, not a C-MOVE sub-operation (rare:
-    pynetdicom converts those), whose values read the way pynetdicom's setters would
-    accept silently; None for anything else."""
-    if (elements is None or _config_validators_changed()
-            or not {0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000} <= elements.keys()
-            or 0x1030 in elements or 0x1031 in elements
-            or _us(elements[0x0100]) != 0x0001
-            or _us(elements[0x0800]) in (None, 0x0101)):
-        return None
-    message_id, priority = _us(elements[0x0110]), _us(elements[0x0700])
-    class_uid = _conformant_uid(elements[0x0002])
-    instance_uid = _conformant_uid(elements[0x1000])
-    if (message_id is None or priority not in (0, 1, 2) or class_uid is None
-            or instance_uid is None):
-        return None
-    return _StoreFields(message_id, priority, class_uid, instance_uid)
 
 
 def _store_request(fields: _StoreFields, context_id: int, data_set: BytesIO) -> C_STORE:
@@ -516,10 +331,6 @@ def _store_request(fields: _StoreFields, context_id: int, data_set: BytesIO) -> 
     primitive._dataset_path = None
     primitive._dataset_file = None
     return primitive
-
-
-def _config_validators_changed() -> bool:
-    return pynetdicom_config.VALIDATORS.get("UI") is not _validators.validate_ui
 
 
 _original_message_to_primitive = DIMSEMessage.message_to_primitive
