@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -368,12 +369,15 @@ def test_enhanced_ct_multiframe_completes_by_its_frame_count(start_node) -> None
     assert record.series_instance_uid == ds.SeriesInstanceUID
 
 
+@pytest.mark.parametrize("sender", ["dcmtk", "pynetdicom"])
 @pytest.mark.parametrize("tuning", [True, False])
 def test_a_node_process_receives_a_storescu_series_with_tuning_on_or_off(
-        tmp_path: Path, tuning: bool) -> None:
+        tmp_path: Path, tuning: bool, sender: str) -> None:
     """node.transport_tuning in its own process (pynetdicom's patches are process-wide):
     with pynetdicom's own threads, polling and decoding, or with ours, the same series
-    arrives whole, is queued once and every file is the instance sent."""
+    arrives whole, is queued once and every file is the instance sent. The senders are
+    stock and out of process: dcmtk's storescu and pynetdicom's own storescu app (no
+    dcn-node code, so none of its patches)."""
     from dcn_train.phantom import generate_phantom
 
     from tests.node_process import NodeProcess
@@ -383,10 +387,12 @@ def test_a_node_process_receives_a_storescu_series_with_tuning_on_or_off(
     node = NodeProcess(tmp_path / "node", node={"transport_tuning": tuning})
     node.start()
     try:
-        result = subprocess.run(
-            [require_tool("storescu"), "-aet", "PACS", "-aec", NODE_AET, "+sd",
-             "127.0.0.1", str(node.port), str(case.series_dir)],
-            env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+        command = [require_tool("storescu"), "-aet", "PACS", "-aec", NODE_AET, "+sd",
+                   "127.0.0.1", str(node.port), str(case.series_dir)] if sender == "dcmtk" \
+            else [sys.executable, "-m", "pynetdicom", "storescu", "-aet", "PACS", "-aec",
+                  NODE_AET, "-r", "127.0.0.1", str(node.port), str(case.series_dir)]
+        result = subprocess.run(command, env=dcmtk_env(), capture_output=True, text=True,
+                                timeout=120)
         assert result.returncode == 0, result.stderr
         state = wait_for(lambda: (node.series_state(case.series_instance_uid) or {}).get(
             "state") == "queued" and node.series_state(case.series_instance_uid), timeout=30)
