@@ -136,6 +136,19 @@ def device_uid(settings: ResultsSettings, model_version: str) -> str:
     ))
 
 
+def device_observer(settings: ResultsSettings, model_version: str) -> hd.sr.ObserverContext:
+    """The algorithm as the device observer of an SR or KOS (TID 1004)."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(settings, model_version),
+            name=ALGORITHM_NAME,
+            manufacturer_name=settings.manufacturer,
+            model_name=settings.manufacturer_model_name,
+            serial_number=settings.device_serial_number,
+        ))
+
+
 def source_header(volume: Volume, index: int = 0) -> Dataset:
     """Slice ``index``'s header, with any missing type-2 patient/study attribute added empty.
 

@@ -26,18 +26,6 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 
-def _device_observer(settings: ResultsSettings, model_version: str) -> hd.sr.ObserverContext:
-    return hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=common.device_uid(settings, model_version),
-            name=common.ALGORITHM_NAME,
-            manufacturer_name=settings.manufacturer,
-            model_name=settings.manufacturer_model_name,
-            serial_number=settings.device_serial_number,
-        ))
-
-
 def build_key_images(volume: Volume, result: AnalysisResult, settings: ResultsSettings,
                      overlays: list[Dataset]) -> hd.ko.KeyObjectSelectionDocument:
     """The KOS of ``result``: the key CT slices (head first) and the ``overlays``."""
@@ -52,7 +40,7 @@ def build_key_images(volume: Volume, result: AnalysisResult, settings: ResultsSe
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.BestInSet,
         referenced_objects=referenced,
-        observer_device_context=_device_observer(settings, version),
+        observer_device_context=common.device_observer(settings, version),
         description=f"Key slices of the AI result ({common.NOT_FOR_DIAGNOSIS}): largest "
                     "lesions and strongest heat map",
     )

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
 from dcn_node.config import ResultsSettings
 from dcn_node.results import common
@@ -56,15 +55,8 @@ def _algorithm(result: AnalysisResult, settings: ResultsSettings, *, full: bool 
 
 def _observation_context(settings: ResultsSettings, model_version: str
                          ) -> hd.sr.ObservationContext:
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=common.device_uid(settings, model_version),
-        name=common.ALGORITHM_NAME,
-        manufacturer_name=settings.manufacturer,
-        model_name=settings.manufacturer_model_name,
-        serial_number=settings.device_serial_number,
-    )
-    return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    return hd.sr.ObservationContext(
+        observer_device_context=common.device_observer(settings, model_version))
 
 
 def _region(volume: Volume, index: int, points: np.ndarray) -> hd.sr.ImageRegion:
