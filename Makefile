@@ -80,7 +80,7 @@ audit: venv
 	$(VENV)/bin/pip-audit --progress-spinner off --skip-editable --strict
 
 lint: venv
-	$(VENV)/bin/ruff check dcn_node tests bench
+	$(VENV)/bin/ruff check dcn_node dcn_train tests bench
 
 bench: venv
 	$(PY) bench/ingest.py

@@ -24,12 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcn_train.phantom import generate_phantom  # noqa: E402
-
 from dcn_node.config import parse_settings  # noqa: E402
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR  # noqa: E402
 from dcn_node.node import Node  # noqa: E402
 from dcn_node.store.outbox import Outbox  # noqa: E402
+from dcn_train.phantom import generate_phantom  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.orthanc import ORTHANC_AET, Orthanc  # noqa: E402
 

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcn_train.evaluation import auc  # noqa: E402
-from dcn_train.phantom import generate_phantom  # noqa: E402
-
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine  # noqa: E402
 from dcn_node.volume import load_dicom_folder  # noqa: E402
+from dcn_train.evaluation import auc  # noqa: E402
+from dcn_train.phantom import generate_phantom  # noqa: E402
 
 FIRST_SEED = 950_000  # held out: not training (10000+, 1000+), validation or evaluation
 

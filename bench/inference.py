@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dcn_train.phantom import generate_phantom
 
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
 from dcn_node.volume import load_dicom_folder
+from dcn_train.phantom import generate_phantom
 
 
 def dsc(a: np.ndarray, b: np.ndarray) -> float:

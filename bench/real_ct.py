@@ -25,11 +25,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcn_train.findings import Geometry, insert_covid_lesions  # noqa: E402
-from dcn_train.real_ct import real_cases, rtstruct_mask  # noqa: E402
-
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine  # noqa: E402
 from dcn_node.volume import Volume, load_dicom_folder  # noqa: E402
+from dcn_train.findings import Geometry, insert_covid_lesions  # noqa: E402
+from dcn_train.real_ct import real_cases, rtstruct_mask  # noqa: E402
 from tests.lung_reference import dsc, reference_lung_mask  # noqa: E402
 
 #: Seeds of the insertions here: never the training corpus's (4242+).

@@ -238,6 +238,7 @@ EVAL_SEED_BASE = 900000
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
+
     from dcn_train.cases import Case, manifest_cases, phantom_cases
     from dcn_train.trainer import Trainer, TrainSettings
 
@@ -304,9 +305,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dcn_train.evaluation import evaluate_on_phantoms
-
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
+    from dcn_train.evaluation import evaluate_on_phantoms
 
     configure_logging("INFO")
     models = args.models or DEFAULT_MODELS_DIR
@@ -322,11 +322,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
+
+    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
     from dcn_train.calibration import calibrate
     from dcn_train.corpus import VALIDATION_SEED_BASE
     from dcn_train.evaluation import evaluate_on_phantoms
-
-    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
 
     configure_logging("INFO")
     models = args.models or DEFAULT_MODELS_DIR

@@ -154,9 +154,9 @@ def start_node(spool_dir: Path) -> Iterator[Callable[..., Node]]:
 def make_untrained_models(out: Path) -> Path:
     """Write lite-profile weights straight from initialisation (seeded) into ``out``."""
     import torch
-    from dcn_train.trainer import TrainSettings, save_weights
 
     from dcn_node.inference.networks import DCN, PROFILES, SliceProbabilityMapping, UNet
+    from dcn_train.trainer import TrainSettings, save_weights
 
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)

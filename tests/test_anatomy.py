@@ -4,10 +4,10 @@ consolidation that fills a lung base stays lung; soft tissue far from any lung g
 from __future__ import annotations
 
 import numpy as np
-from dcn_train.phantom import generate_volume
 from scipy import ndimage
 
 from dcn_node.inference.anatomy import classical_anatomy, constrain_lung
+from dcn_train.phantom import generate_volume
 
 
 def test_consolidated_lung_base_is_kept_and_soft_tissue_is_not() -> None:

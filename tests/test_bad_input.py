@@ -430,6 +430,7 @@ def test_shuffled_and_reversed_order_give_the_same_volume(start_node, tmp_path: 
     assert volume.sop_instance_uids == [ds.SOPInstanceUID for ds in reversed(feet_first)]
 
 
+@pytest.mark.slow
 def test_1500_slices_are_received_queued_and_read(start_node) -> None:
     node = start_node(completion={"quiet_seconds": 60})
     series = ct_series(1500, spacing_mm=0.5, announce=True, rows=16, columns=16)

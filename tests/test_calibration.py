@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine, calibrated
 from dcn_train.calibration import (
     calibrate,
     choose_mapping,
@@ -17,8 +19,6 @@ from dcn_train.calibration import (
     fit_platt,
     threshold_for_specificity,
 )
-
-from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine, calibrated
 
 
 def test_platt_recovers_a_known_logistic_model() -> None:
@@ -98,6 +98,7 @@ def test_calibration_is_written_to_the_manifest_and_used_by_the_engine(tmp_path:
     assert Engine(models, "lite", "cpu", mapping="fcn").spm.mode == "fcn"
 
 
+@pytest.mark.slow
 def test_calibrate_command_on_validation_phantoms_and_refit(tmp_path: Path) -> None:
     """`dcn-node calibrate` end to end on 4 validation phantoms (the whole DICOM path), then
     `--refit` from its cases.json: same fit, no inference."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dcn_train.phantom import generate_phantom
 
 from dcn_node.config import ResultsSettings
 from dcn_node.inference.engine import Engine
 from dcn_node.results.sc import key_slices, overlay_layout, render_overlay
 from dcn_node.volume import load_dicom_folder
+from dcn_train.phantom import generate_phantom
 
 
 @pytest.fixture(scope="module")

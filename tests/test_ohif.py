@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dcn_train.phantom import generate_phantom
 from PIL import Image
 
 from dcn_node.config import ResultsSettings
@@ -24,6 +23,7 @@ from dcn_node.inference.engine import DEFAULT_MODELS_DIR
 from dcn_node.results import build_results
 from dcn_node.results.sc import WARNING_RGB
 from dcn_node.results.sr import measurements
+from dcn_train.phantom import generate_phantom
 from tests.conftest import NODE_AET, free_port, require_tool, wait_for
 from tests.ohif import check_study, missing_parts, serve_ohif
 from tests.orthanc import Orthanc, orthanc_workdir

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dcn_train.phantom import PhantomCase, generate_phantom
 
+from dcn_train.phantom import PhantomCase, generate_phantom
 from tests.conftest import free_port, require_tool, wait_for
 from tests.deploy_files import alert_rules, dashboard_expressions, metric_names
 from tests.node_process import NodeProcess

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
+
 from dcn_train.phantom import (
     PhantomVolume,
     generate_phantom,
     generate_volume,
     write_series,
 )
-from scipy import ndimage
 
 M = 128  # matrix used by most tests; anatomy and lesions do not depend on it
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dcn_train.phantom import PhantomCase, generate_phantom
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from dcn_node.store.outbox import Outbox
 from dcn_node.store.spool import Spool
+from dcn_train.phantom import PhantomCase, generate_phantom
 from tests.conftest import NODE_AET, free_port, require_tool, send_datasets, wait_for
 from tests.node_process import NodeProcess
 from tests.orthanc import ORTHANC_AET, Orthanc, orthanc_workdir
@@ -123,6 +123,7 @@ def check_references(found: dict[str, list[pydicom.Dataset]], case: PhantomCase)
     assert seg.SOPInstanceUID in evidence
 
 
+@pytest.mark.slow
 def test_orthanc_round_trip_resend_and_transcoded_input(
     start_node, orthanc: Orthanc, untrained_models: Path, phantom: PhantomCase
 ) -> None:
@@ -209,6 +210,7 @@ def test_results_wait_for_the_pacs_to_come_back(
     assert all(d.attempts >= 2 for d in sent)  # failed at least once, then sent
 
 
+@pytest.mark.slow
 def test_kill_9_before_results_are_sent_then_restart(
     tmp_path: Path, orthanc: Orthanc, untrained_models: Path, phantom: PhantomCase
 ) -> None:
@@ -222,7 +224,7 @@ def test_kill_9_before_results_are_sent_then_restart(
         node.kill()  # within the 2 s quiet period: nothing inferred or sent yet
         assert result_instances(orthanc, phantom) == {}
         node.start()
-        wait_for(lambda: len(result_instances(orthanc, phantom)) == 3, timeout=120,
+        wait_for(lambda: len(result_instances(orthanc, phantom)) == 4, timeout=120,
                  interval=0.5)
         check_references(result_instances(orthanc, phantom), phantom)
         status = node.status()
@@ -238,8 +240,9 @@ def test_kill_9_before_results_are_sent_then_restart(
 def test_refusals_that_will_not_change_become_dead_letters_and_retry_requeues_them(
     start_node, untrained_models: Path, phantom: PhantomCase
 ) -> None:
-    """A destination that stores SR, answers SEG with 0xC000 and has no context for SC:
-    SEG and SC would meet the same answer again, so they are dead letters at once."""
+    """A destination that stores SR, answers SEG with 0xC000 and has no context for SC or
+    KOS: SEG, SC and KOS would meet the same answer again, so they are dead letters at
+    once."""
     from pynetdicom import evt
     from pynetdicom.sop_class import (
         Comprehensive3DSRStorage,
@@ -268,11 +271,11 @@ def test_refusals_that_will_not_change_become_dead_letters_and_retry_requeues_th
         wait_for(lambda: outbox.deliveries() and not outbox.deliveries(state="pending"),
                  timeout=120, interval=0.2)
         dead = outbox.deliveries(state="dead")
-        assert {d.kind for d in dead} == {"seg", "sc"}
+        assert {d.kind for d in dead} == {"seg", "sc", "ko"}
         assert {d.kind for d in outbox.deliveries(state="sent")} == {"sr"}
         assert all(d.attempts == 1 for d in dead)
         for d in dead:
-            expected = "0xC000" if d.kind == "seg" else "accepts no presentation context"
+            expected = "0xC000" if d.kind == "seg" else "accepts no presentation context"  # SC, KOS
             assert expected in (d.last_error or ""), d.last_error
         assert outbox.retry_dead("picky") == len(dead)
         assert len(outbox.deliveries(state="pending")) + len(

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dcn_train.phantom import PhantomVolume, generate_volume, write_series
 from pydicom import dcmread
 
 from dcn_node.inference.anatomy import classical_anatomy
 from dcn_node.inference.quality import NotAssessable, assess
 from dcn_node.results.sc import WARNING_RGB
+from dcn_train.phantom import PhantomVolume, generate_volume, write_series
 from tests.test_results import dciodvfy, dsrdump, sr_values
 
 
@@ -122,6 +122,7 @@ def test_abdomen_only_series_is_not_assessable(tmp_path: Path) -> None:
     assert summary["lesion_volume_ml"] == 0 and summary["lung_volume_ml"] == 0
 
 
+@pytest.mark.slow
 def test_real_head_ct_is_not_assessable(real_ct: Path, tmp_path: Path) -> None:
     from dcn_train.real_ct import real_cases
 

@@ -11,12 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dcn_train.findings import Geometry, insert_covid_lesions
-from dcn_train.real_ct import real_cases
 
 from dcn_node.inference.engine import Engine
 from dcn_node.volume import Volume, load_dicom_folder
+from dcn_train.findings import Geometry, insert_covid_lesions
+from dcn_train.real_ct import real_cases
 from tests.lung_reference import dsc, reference_lung_mask
+
+#: The real CTs are fetched (network) by the first test that needs them, then analysed
+#: at full size: the slow tests' limit.
+pytestmark = pytest.mark.slow
 
 HELD_OUT = ("nsclc-3", "nsclc-4", "chest-a0001")
 

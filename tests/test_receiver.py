@@ -379,7 +379,6 @@ def test_a_node_process_receives_a_storescu_series_with_tuning_on_or_off(
     stock and out of process: dcmtk's storescu and pynetdicom's own storescu app (no
     dcn-node code, so none of its patches)."""
     from dcn_train.phantom import generate_phantom
-
     from tests.node_process import NodeProcess
 
     case = generate_phantom(tmp_path / "case", seed=5, slices=40, matrix=128)

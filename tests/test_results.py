@@ -19,7 +19,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dcn_train.phantom import generate_phantom
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from scipy import ndimage
@@ -30,6 +29,7 @@ from dcn_node.results import ResultEncodingError, ResultSet, build_results
 from dcn_node.results.sc import OUTLINE_RGB, WARNING_RGB, heat_map, key_slices
 from dcn_node.results.seg import build_segmentation
 from dcn_node.volume import Volume, load_dicom_folder, load_series
+from dcn_train.phantom import generate_phantom
 from tests.conftest import require_tool
 
 MATRIX = 64

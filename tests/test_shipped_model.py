@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dcn_train.evaluation import PixelCounts
-from dcn_train.phantom import generate_phantom
 
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
 from dcn_node.inference.weights import load_manifest, sha256_of
 from dcn_node.volume import load_dicom_folder
+from dcn_train.evaluation import PixelCounts
+from dcn_train.phantom import generate_phantom
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def _dsc(predicted: np.ndarray, truth: np.ndarray) -> float:
     return counts.dsc
 
 
+@pytest.mark.slow
 def test_shipped_model_on_unseen_phantoms(engine: Engine, tmp_path: Path) -> None:
     results = {}
     for normal in (False, True):
@@ -57,6 +58,7 @@ def test_shipped_model_on_unseen_phantoms(engine: Engine, tmp_path: Path) -> Non
     assert all(0.0 <= r.probability <= 1.0 for r in results.values())
 
 
+@pytest.mark.slow
 def test_analyze_prints_a_sensible_summary(tmp_path: Path) -> None:
     case = generate_phantom(tmp_path / "case", seed=990_002, slices=None, thickness_mm=5.0,
                             matrix=512)

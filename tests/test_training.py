@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from dcn_train.evaluation import Classification, PixelCounts, auc
 from dcn_train.losses import dcn_loss, dice_loss_per_slice
 
@@ -72,9 +73,11 @@ def _train(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
     import nibabel
     import nrrd
+
     from dcn_train.phantom import generate_phantom
 
     rows = ["image,lung_mask,lesion_mask,label"]
@@ -155,6 +158,7 @@ def test_nifti_and_nrrd_are_read_in_the_dicom_orientation(tmp_path: Path) -> Non
     posterior, columns right to left."""
     import nibabel
     import nrrd
+
     from dcn_train.cases import read_volume
 
     rng = np.random.default_rng(5)

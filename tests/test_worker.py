@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dcn_train.phantom import generate_phantom
 
 from dcn_node.inference.engine import Engine, ModelIntegrityError
+from dcn_train.phantom import generate_phantom
 from tests.conftest import send_datasets, wait_for
 from tests.dicom_factory import ct_series
 

@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+#: Our own loggers (the node, and training with its phantoms): logged at the configured
+#: level; other libraries' lines only from WARNING up.
+OWN_LOGGERS = ("dcn_node", "dcn_train")
+
 _QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
 
 
@@ -47,7 +51,7 @@ class PrivacyFilter(logging.Filter):
     pydicom's validation warnings quote the element value they reject."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        own = record.name == "dcn_node" or record.name.startswith("dcn_node.")
+        own = record.name.split(".", 1)[0] in OWN_LOGGERS
         if not own and record.levelno < logging.WARNING:
             return False
         if record.name == "py.warnings":
@@ -79,7 +83,8 @@ def configure_logging(
     # Libraries (pynetdicom logs every association at INFO, pydicom values at DEBUG): their
     # warnings and errors only. The configured level is for dcn-node's own modules.
     root.setLevel(max(logging.WARNING, numeric))
-    logging.getLogger("dcn_node").setLevel(numeric)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(numeric)
     logging.captureWarnings(True)
     # Query/retrieve identifiers (patient data) are never logged, whatever the level.
     from pynetdicom import _config as pynetdicom_config
