@@ -1,6 +1,6 @@
 """Association negotiation, seen from a PACS administrator's side: every presentation context
 the node refuses is logged (calling AE, SOP class, transfer syntaxes, why; a WARNING the first
-time per peer and context, DEBUG while it repeats within the hour) and counted by reason, an
+time per peer and context, DEBUG while it repeats within the day) and counted by reason, an
 association with nothing usable is rejected (A-ASSOCIATE-RJ) rather than accepted empty, and a
 peer that then goes away leaves no ERROR.
 

@@ -197,9 +197,9 @@ BadInputCallback = Callable[[str], None]
 #: Callback told about every presentation context refused at negotiation: the reason code.
 ContextRefusedCallback = Callable[[str], None]
 
-#: A refused context already logged for a peer is logged again (WARNING) after this long;
-#: in between at DEBUG (storescu, for one, proposes some 60 contexts per association).
-CONTEXT_WARNING_REPEAT_SECONDS = 3600.0
+#: A refused context already logged for a peer is logged again (WARNING) after a day;
+#: in between at DEBUG (storescu, for one, proposes over 100 contexts per association).
+CONTEXT_WARNING_REPEAT_SECONDS = 86400.0
 
 #: A-ASSOCIATE-AC presentation context results -> (reason code, what the log says).
 _CONTEXT_REFUSALS = {
@@ -441,7 +441,7 @@ class StorageSCP:
                        code="no_context")
 
     def _context_log_level(self, key: tuple[str, ...]) -> int:
-        """WARNING the first time a peer's context is refused (and again an hour on)."""
+        """WARNING the first time a peer's context is refused (and again a day on)."""
         now = time.monotonic()
         with self._context_lock:
             last = self._context_warned.get(key)
