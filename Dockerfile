@@ -37,9 +37,11 @@ ENV PATH=/opt/dcn-node/venv/bin:$PATH
 RUN pip install --upgrade pip \
     && pip install "${TORCH_SPEC}" --index-url "${TORCH_INDEX}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
+# The runtime only: dcn_train (phantoms, training) stays out of the image.
 COPY dcn_node ./dcn_node
-RUN pip install . && dcn-node --version
+# constraints.txt: the pynetdicom release the fast receive path is written for.
+RUN pip install -c constraints.txt . && dcn-node --version
 
 # -- runtime: the environment, the weights and a config; no compilers, no root -----------
 FROM base AS runtime
