@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -42,6 +42,9 @@ from dcn_node.pipeline.worker import ModelWorker
 from dcn_node.store.outbox import Backlog, Delivery, Outbox
 from dcn_node.store.quarantine import Quarantine
 from dcn_node.store.spool import Job, Spool
+
+if TYPE_CHECKING:  # torch is imported with the engine, when the worker first needs it
+    from dcn_node.inference.engine import Engine
 
 LOGGER = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class Node:
     """
 
     def __init__(self, settings: Settings,
-                 engine_factory: Callable[[], object] | None = None) -> None:
+                 engine_factory: Callable[[], Engine] | None = None) -> None:
         self.settings = settings
         self._engine_factory = engine_factory
         self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
@@ -277,14 +280,14 @@ class Node:
                                       reason="no destination takes these results"))
 
     @_observer
-    def _engine_loaded(self, engine: object) -> None:
+    def _engine_loaded(self, engine: Engine) -> None:
         inference = self.settings.inference
         profile = getattr(engine, "profile", None)
         self.metrics.record_model(str(getattr(engine, "model_version", "unknown")),
                                   str(getattr(profile, "name", inference.profile)),
                                   str(getattr(engine, "device", inference.device)))
 
-    def _make_engine(self) -> object:
+    def _make_engine(self) -> Engine:
         if self._engine_factory is not None:
             return self._engine_factory()
         from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine

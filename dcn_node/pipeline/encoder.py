@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dcn_node.config import Settings
 from dcn_node.errors import FailureReason
@@ -23,14 +24,21 @@ from dcn_node.pipeline.worker import FinishedCallback, TimingCallback
 from dcn_node.store.outbox import Outbox, ResultObject
 from dcn_node.store.spool import Job, Spool
 
+if TYPE_CHECKING:  # heavy imports (torch, highdicom) stay with the code that runs them
+    from pydicom.dataset import Dataset
+
+    from dcn_node.inference.engine import AnalysisResult
+    from dcn_node.results import ResultSet
+    from dcn_node.volume import Volume
+
 LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
 class _Work:
     job: Job
-    volume: object
-    result: object
+    volume: Volume
+    result: AnalysisResult
     out_dir: Path
 
 
@@ -83,7 +91,8 @@ class ResultEncoder:
             return
         self._thread.join(timeout)
 
-    def submit(self, job: Job, volume: object, result: object, out_dir: Path) -> None:
+    def submit(self, job: Job, volume: Volume, result: AnalysisResult, out_dir: Path
+               ) -> None:
         """Queue one model output (blocks while the encoder is behind)."""
         self._queue.put(_Work(job, volume, result, out_dir))
 
@@ -94,13 +103,14 @@ class ResultEncoder:
                 return
             self.encode(work.job, work.volume, work.result, work.out_dir)
 
-    def encode(self, job: Job, volume: object, result: object, out_dir: Path) -> None:
+    def encode(self, job: Job, volume: Volume, result: AnalysisResult, out_dir: Path
+               ) -> None:
         """Build, write and record one result set; mark the job done or failed."""
         from dcn_node.results import build_results
 
         started = time.perf_counter()
         try:
-            result_set = build_results(volume, result, self.settings.results)  # type: ignore[arg-type]
+            result_set = build_results(volume, result, self.settings.results)
             paths = result_set.write(out_dir / "dicom")
             objects = [
                 ResultObject(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), path)
@@ -129,18 +139,16 @@ class ResultEncoder:
             self._on_recorded()
 
 
-def _objects_with_paths(result_set: object, paths: list[Path]) -> list[tuple[str, object, Path]]:
+def _objects_with_paths(result_set: ResultSet, paths: list[Path]
+                        ) -> list[tuple[str, Dataset, Path]]:
     """Pair each dataset of the set with its written file (``write`` keeps kind order)."""
-    datasets = [("seg", ds) for ds in result_set.seg]  # type: ignore[attr-defined]
-    datasets += [("sc", ds) for ds in result_set.sc]  # type: ignore[attr-defined]
-    datasets += [("sr", ds) for ds in result_set.sr]  # type: ignore[attr-defined]
-    datasets += [("ko", ds) for ds in result_set.ko]  # type: ignore[attr-defined]
     by_uid = {p.stem: p for p in paths}
     out = []
-    for kind, ds in datasets:
-        uid = str(ds.SOPInstanceUID)  # type: ignore[attr-defined]
-        path = by_uid.get(uid)
-        if path is None:
-            raise RuntimeError(f"{kind} object {uid} was not written")
-        out.append((kind, ds, path))
+    for kind, datasets in result_set.by_kind().items():
+        for ds in datasets:
+            uid = str(ds.SOPInstanceUID)
+            path = by_uid.get(uid)
+            if path is None:
+                raise RuntimeError(f"{kind} object {uid} was not written")
+            out.append((kind, ds, path))
     return out

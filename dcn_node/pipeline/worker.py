@@ -13,19 +13,24 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dcn_node.errors import FailureReason
 from dcn_node.store.spool import Job, Spool
+
+if TYPE_CHECKING:  # torch is imported when the engine is, not with the worker
+    from dcn_node.inference.engine import AnalysisResult, Engine
+    from dcn_node.volume import Volume
 
 LOGGER = logging.getLogger(__name__)
 
 #: Takes over a job after a successful run (job, volume, result, results folder); it
 #: is then responsible for finishing the job (the service passes the result encoder).
-ResultHandler = Callable[[Job, object, object, Path], None]
+ResultHandler = Callable[[Job, "Volume", "AnalysisResult", Path], None]
 #: Told the seconds each stage took on a series: (stage, seconds).
 TimingCallback = Callable[[str, float], None]
-#: Told how a job finished when this stage finished it: (job, "done" | "failed", reason).
-#: (job, "done" or "failed", the recorded reason, the failure's fixed reason).
+#: Told how a job finished when this stage finished it: (job, "done" or "failed", the
+#: recorded reason, the failure's fixed reason).
 FinishedCallback = Callable[[Job, str, str | None, FailureReason | None], None]
 
 #: Engine timing keys -> stage names of the metrics (dcn_node.ops.metrics.STAGES).
@@ -56,17 +61,17 @@ class ModelWorker:
     def __init__(
         self,
         spool: Spool,
-        engine_factory: Callable[[], object],
+        engine_factory: Callable[[], Engine],
         *,
         poll_seconds: float = 0.5,
         on_result: ResultHandler | None = None,
         on_timing: TimingCallback | None = None,
         on_finished: FinishedCallback | None = None,
-        on_engine_loaded: Callable[[object], None] | None = None,
+        on_engine_loaded: Callable[[Engine], None] | None = None,
     ) -> None:
         self.spool = spool
         self._engine_factory = engine_factory
-        self._engine: object | None = None
+        self._engine: Engine | None = None
         #: Why the engine could not be loaded (None: loaded, or not tried yet).
         self.engine_error: str | None = None
         self._poll_seconds = poll_seconds
@@ -89,7 +94,7 @@ class ModelWorker:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _load_engine(self) -> object:
+    def _load_engine(self) -> Engine:
         if self._engine is None:
             try:
                 self._engine = self._engine_factory()
@@ -138,7 +143,7 @@ class ModelWorker:
             started = time.perf_counter()
             volume = load_series([i.path for i in instances])
             self._timing("volume_load", time.perf_counter() - started)
-            result = engine.analyze(volume)  # type: ignore[attr-defined]
+            result = engine.analyze(volume)
             for stage in _ENGINE_STAGES:
                 if stage in result.timings:
                     self._timing(stage, result.timings[stage])
