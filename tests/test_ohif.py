@@ -21,8 +21,8 @@ from PIL import Image
 from dcn_node.config import ResultsSettings
 from dcn_node.inference.engine import DEFAULT_MODELS_DIR
 from dcn_node.results import build_results
+from dcn_node.results.common import measurements
 from dcn_node.results.sc import WARNING_RGB
-from dcn_node.results.sr import measurements
 from dcn_train.phantom import generate_phantom
 from tests.conftest import NODE_AET, free_port, require_tool, wait_for
 from tests.ohif import check_study, missing_parts, serve_ohif

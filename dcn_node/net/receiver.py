@@ -55,7 +55,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom import __version__ as pynetdicom_version
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.association import Association
+from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -405,23 +406,21 @@ class StorageSCP:
             self._on_association(refusal.code)
         assoc.kill()
 
-    def _negotiate(self, assoc: object, calling_ae: str, host: str) -> Refusal | None:
+    def _negotiate(self, assoc: Association, calling_ae: str, host: str) -> Refusal | None:
         """Log and count each presentation context pynetdicom is about to refuse; a refusal
         when none is left (pynetdicom would accept an association with nothing usable).
 
         The same public function pynetdicom negotiates with, on the same inputs, runs here
-        first: pynetdicom has no hook between its negotiation and its A-ASSOCIATE-AC.
+        first: pynetdicom has no hook between its negotiation and its A-ASSOCIATE-AC, and a
+        reject must be sent before that.
         """
-        requested: list[PresentationContext] = assoc.requestor.requested_contexts  # type: ignore[attr-defined]
+        requested = assoc.requestor.requested_contexts
         roles = {uid: (item.scu_role, item.scp_role)
-                 for uid, item in assoc.requestor.role_selection.items()}  # type: ignore[attr-defined]
-        results, _ = negotiate_as_acceptor(
-            requested, assoc.acceptor.supported_contexts, roles)  # type: ignore[attr-defined]
+                 for uid, item in assoc.requestor.role_selection.items()}
+        results, _ = negotiate_as_acceptor(requested, assoc.acceptor.supported_contexts, roles)
         proposed = {cx.context_id: cx for cx in requested}
-        accepted = 0
         for result in results:
             if result.result == 0x00:
-                accepted += 1
                 continue
             code, why = _CONTEXT_REFUSALS.get(result.result, ("other", "no reason given"))
             asked = proposed.get(result.context_id, result)
@@ -433,7 +432,7 @@ class StorageSCP:
                        asked.abstract_syntax, syntaxes)
             if self._on_context_refused is not None:
                 self._on_context_refused(code)
-        if accepted:
+        if any(result.result == 0x00 for result in results):
             return None
         # A-ASSOCIATE-RJ has no reason "no presentation context": rejected permanent,
         # by the service user, no reason given; the log says why.

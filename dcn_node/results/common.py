@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -147,6 +148,22 @@ def device_observer(settings: ResultsSettings, model_version: str) -> hd.sr.Obse
             model_name=settings.manufacturer_model_name,
             serial_number=settings.device_serial_number,
         ))
+
+
+def measurements(volume: Volume, result: Any) -> dict[str, float | int]:
+    """The reported numbers (SR and overlays): volumes in ml, involvement in percent, slice
+    count, the probability."""
+    voxel_ml = volume.voxel_volume_ml
+    lesion_ml = float(np.count_nonzero(result.lesion)) * voxel_ml
+    lung_ml = float(np.count_nonzero(result.lung)) * voxel_ml
+    slices = int(np.count_nonzero(result.lesion.reshape(result.lesion.shape[0], -1).any(1)))
+    return {
+        "probability": round(float(result.probability), 4),
+        "lesion_ml": round(lesion_ml, 2),
+        "lung_ml": round(lung_ml, 2),
+        "involvement_percent": round(100.0 * lesion_ml / lung_ml, 3) if lung_ml else 0.0,
+        "slices_with_lesions": slices,
+    }
 
 
 def source_header(volume: Volume, index: int = 0) -> Dataset:

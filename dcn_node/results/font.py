@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib import font_manager
-from PIL import Image, ImageDraw, ImageFont
+from PIL import ImageDraw, ImageFont
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def pick_size(canvas_width: int) -> int:
 
 
 def draw_text(
-    canvas: np.ndarray,
+    draw: ImageDraw.ImageDraw,
     x: int,
     y: int,
     text: str,
@@ -54,14 +54,11 @@ def draw_text(
     bold: bool = False,
     shadow: bool = False,
 ) -> int:
-    """Draw ``text`` into the RGB uint8 ``canvas`` (in place) with its top-left corner at
-    (x, y); what falls outside is clipped. ``shadow`` draws a dark halo first, for text over
-    an image. Returns the width of the text in pixels."""
+    """Draw ``text`` with its top-left corner at (x, y); what falls outside is clipped.
+    ``shadow`` draws a dark halo first, for text over an image. Returns the width of the
+    text in pixels."""
     font = glyphs(size, bold)
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
     halo = max(1, size // 12) if shadow else 0
     draw.text((x, y), text, fill=tuple(color), font=font.font, stroke_width=halo,
               stroke_fill=(0, 0, 0))
-    canvas[...] = np.asarray(image)
     return font.width(text)

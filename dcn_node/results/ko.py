@@ -1,9 +1,9 @@
 """Key images: a Key Object Selection document (KOS), as IHE AI Results asks of an AI result.
 
 It points at the CT slices the overlays show (the largest lesions, the strongest heat map:
-``sc.key_slices``) and at the overlay images themselves, titled "Best In Set" (DCM 113013),
-with the algorithm as the device observer. A viewer that shows key images jumps to them;
-a PACS worklist can flag the study. Built with highdicom's ``ko`` package.
+``sc.key_slices``, chosen once by the builder) and at the overlay images themselves, titled
+"Best In Set" (DCM 113013), with the algorithm as the device observer. A viewer that shows
+key images jumps to them; a PACS worklist can flag the study. Built with highdicom's ``ko`` package.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pydicom.sr.codedict import codes
 
 from dcn_node.config import ResultsSettings
 from dcn_node.results import common
-from dcn_node.results.sc import key_slices
 from dcn_node.volume import Volume
 
 if TYPE_CHECKING:
@@ -27,10 +26,11 @@ LOGGER = logging.getLogger(__name__)
 
 
 def build_key_images(volume: Volume, result: AnalysisResult, settings: ResultsSettings,
-                     overlays: list[Dataset]) -> hd.ko.KeyObjectSelectionDocument:
-    """The KOS of ``result``: the key CT slices (head first) and the ``overlays``."""
+                     indices: list[int], overlays: list[Dataset]
+                     ) -> hd.ko.KeyObjectSelectionDocument:
+    """The KOS of ``result``: the key CT slices ``indices`` (head first) and the
+    ``overlays``."""
     version = result.model_version
-    indices = sorted(key_slices(result, settings.sc, volume.slice_offsets), reverse=True)
     key_ct: dict[str, Dataset] = {}
     for index in indices:  # a multi-frame source is one instance: named once
         key_ct.setdefault(volume.sop_instance_uids[index], volume.source_datasets[index])

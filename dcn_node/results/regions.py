@@ -21,6 +21,7 @@ import contourpy
 import numpy as np
 from scipy import ndimage
 
+from dcn_node.results import common
 from dcn_node.volume import Volume
 
 #: Outlines longer than this are thinned evenly (a viewer draws them as they are).
@@ -36,16 +37,7 @@ class LesionRegion:
     voxels: int
     area_mm2: float  # of the lesion on the key slice
     mean_hu: float  # on the key slice, inside the lesion
-    side: str  # "left" or "right" (the patient's), from the centre between the lungs
-
-
-def patient_x(volume: Volume, index: int, column: float, row: float) -> float:
-    """The patient x (LPS: + is the patient's left) of an image point on slice ``index``."""
-    ds = volume.source_datasets[index]
-    iop = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
-    ipp = np.asarray(ds.get("ImagePositionPatient", [0, 0, 0]), float)
-    row_spacing, column_spacing = volume.pixel_spacing
-    return float(ipp[0] + iop[0] * column * column_spacing + iop[3] * row * row_spacing)
+    side: str  # "left" or "right" (the patient's), of the centre between the lungs
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -67,26 +59,27 @@ def lesion_regions(volume: Volume, lesion: np.ndarray, lung: np.ndarray, count: 
     """The ``count`` largest 3D connected lesions (26-connectivity), largest first."""
     if count <= 0 or not lesion.any():
         return []
-    labels, found = ndimage.label(lesion, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=found + 1)[1:]
+    labels, _ = ndimage.label(lesion, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel())[1:]
+    boxes = ndimage.find_objects(labels)
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    # Columns run towards the patient's left when the row direction is L (Image
+    # Orientation, also from an Enhanced CT's shared functional groups).
+    columns_go_left = common.patient_orientation(volume)[0].startswith("L")
     regions = []
     for label in np.argsort(-sizes, kind="stable")[:count] + 1:
-        component = labels == label
-        areas = component.reshape(component.shape[0], -1).sum(axis=1)
-        index = int(np.argmax(areas))
-        section = component[index]
-        rows, columns = np.nonzero(section)
-        centre_x = patient_x(volume, index, columns.mean() + 0.5, rows.mean() + 0.5)
-        lung_rows, lung_columns = np.nonzero(lung[index])
-        midline = patient_x(volume, index, (lung_columns.min() + lung_columns.max() + 1) / 2,
-                            (lung_rows.min() + lung_rows.max() + 1) / 2) \
-            if lung_rows.size else centre_x
+        box = boxes[label - 1]
+        areas = (labels[box] == label).sum(axis=(1, 2))  # within its bounding box only
+        index = box[0].start + int(np.argmax(areas))
+        section = labels[index] == label
+        centre = np.nonzero(section)[1].mean()
+        lung_columns = np.flatnonzero(lung[index].any(axis=0))
+        midline = (lung_columns[0] + lung_columns[-1]) / 2 if lung_columns.size else centre
         regions.append(LesionRegion(
             slice_index=index, outline=outline(section), voxels=int(sizes[label - 1]),
-            area_mm2=float(areas[index]) * pixel_mm2,
+            area_mm2=float(areas.max()) * pixel_mm2,
             mean_hu=float(volume.hu[index][section].mean()),
-            side="left" if centre_x >= midline else "right"))
+            side="left" if (centre >= midline) == columns_go_left else "right"))
     return regions
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import highdicom as hd
 import matplotlib
 import numpy as np
+from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
@@ -64,8 +65,10 @@ def attention_map(result: AnalysisResult, module: int) -> np.ndarray | None:
     return np.asarray(result.attention[module - 1], dtype=np.float32)
 
 
-def heat_map(result: AnalysisResult, settings: ScResultSettings) -> np.ndarray | None:
-    """The configured heat map (slices, h, w), zero outside the lungs, or None.
+def heat_map(result: AnalysisResult, settings: ScResultSettings, index: int | None = None
+             ) -> np.ndarray | None:
+    """The configured heat map (slices, h, w), zero outside the lungs, or None; with
+    ``index``, of that slice only (1, h, w).
 
     The lung mask is brought to the map's resolution (a map pixel counts as lung when any
     of its area is), so nothing outside the lungs is ever tinted.
@@ -80,7 +83,10 @@ def heat_map(result: AnalysisResult, settings: ScResultSettings) -> np.ndarray |
     import torch
     import torch.nn.functional as F
 
-    lung = torch.from_numpy(result.lung)[:, None].float()
+    lung_mask = result.lung
+    if index is not None:
+        values, lung_mask = values[index:index + 1], lung_mask[index:index + 1]
+    lung = torch.from_numpy(lung_mask)[:, None].float()
     inside = F.adaptive_max_pool2d(lung, values.shape[1:])[:, 0].numpy() > 0 \
         if values.shape[1] <= lung.shape[2] else \
         F.interpolate(lung, size=values.shape[1:], mode="nearest")[:, 0].numpy() > 0
@@ -218,11 +224,12 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
     image = np.repeat(gray[:, :, None], 3, axis=2)
 
     # The heat map, translucent, only inside the lungs, transparent where it is weak.
-    attention = heat_map(result, sc)
+    attention = heat_map(result, sc, index)
+    shows_heat = attention is not None and sc.heatmap_opacity > 0
     top = 1.0
-    if attention is not None and sc.heatmap_opacity > 0:
+    if shows_heat:
         lung = np.repeat(np.repeat(result.lung[index], scale, axis=0), scale, axis=1)
-        values = _resample(attention[index], (height, width)) * lung
+        values = _resample(attention[0], (height, width)) * lung
         if sc.heatmap == "attention":  # relative: scaled to its maximum inside the lungs
             top = max(float(values.max(initial=0.0)), 1e-6)
         values = np.clip(values / top, 0, 1)
@@ -236,38 +243,39 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
         outline = ndimage.binary_dilation(lesion, iterations=thickness) & ~lesion
         image[outline] = OUTLINE_RGB
     canvas[:height, :width] = np.rint(image).astype(np.uint8)
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)  # all text and the colour bar: one pass of Pillow's
 
     # Orientation letters on the left and bottom edges (the top is under viewer controls).
     row_dir, col_dir = common.patient_orientation(volume)
     opposite = str.maketrans("LRAPHF", "RLPAFH")
     left = row_dir.translate(opposite)
-    draw_text(canvas, 6, height // 2 - layout.line // 2, left, TEXT_RGB, size=size,
+    draw_text(draw, 6, height // 2 - layout.line // 2, left, TEXT_RGB, size=size,
               bold=True, shadow=True)
-    draw_text(canvas, width // 2 - size // 2, height - layout.line - 2, col_dir, TEXT_RGB,
+    draw_text(draw, width // 2 - size // 2, height - layout.line - 2, col_dir, TEXT_RGB,
               size=size, bold=True, shadow=True)
 
     # Text panel: the patient-level result, the lesions, the slice, the legend, the warning.
     threshold = common.decision_threshold(settings, result)
     if result.assessable:
         positive = result.probability >= threshold
-        x = margin + draw_text(canvas, margin, layout.text_y(0),
+        x = margin + draw_text(draw, margin, layout.text_y(0),
                                f"COVID-19 probability {result.probability:.2f} - ", TEXT_RGB,
                                size=size, bold=True)
-        draw_text(canvas, x, layout.text_y(0),
+        draw_text(draw, x, layout.text_y(0),
                   f"{'POSITIVE' if positive else 'negative'} at threshold {threshold:.2f}",
                   POSITIVE_RGB if positive else NEGATIVE_RGB, size=size, bold=True)
     else:  # the quality gate's reason instead of a probability
         reason = result.quality.reason.value.replace("_", " ")  # type: ignore[union-attr]
-        draw_text(canvas, margin, layout.text_y(0), f"NOT ASSESSABLE: {reason}", WARNING_RGB,
+        draw_text(draw, margin, layout.text_y(0), f"NOT ASSESSABLE: {reason}", WARNING_RGB,
                   size=size, bold=True)
-    lesion_ml = float(np.count_nonzero(result.lesion)) * volume.voxel_volume_ml
-    lung_ml = float(np.count_nonzero(result.lung)) * volume.voxel_volume_ml
-    with_lesions = int(np.count_nonzero(result.lesion.any(axis=(1, 2))))
-    second = (f"Lesions {lesion_ml:.1f} ml = {100 * lesion_ml / max(lung_ml, 1e-9):.1f} % of "
-              f"the lungs ({lung_ml:.0f} ml), on {with_lesions} slices")
+    numbers = common.measurements(volume, result)  # the SR's numbers
+    second = (f"Lesions {numbers['lesion_ml']:.1f} ml = {numbers['involvement_percent']:.1f} % "
+              f"of the lungs ({numbers['lung_ml']:.0f} ml), on "
+              f"{numbers['slices_with_lesions']} slices")
     if not result.assessable:
         second = result.quality.detail  # type: ignore[union-attr]
-    draw_text(canvas, margin, layout.text_y(1), _fit(second, size, room),
+    draw_text(draw, margin, layout.text_y(1), _fit(second, size, room),
               WARNING_RGB if not result.assessable else TEXT_RGB, size=size)
     area_cm2 = float(result.lesion[index].sum()) * volume.pixel_spacing[0] \
         * volume.pixel_spacing[1] / 100.0
@@ -276,47 +284,45 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
         longer = f"{detail}, slice prob. {float(result.slice_probabilities[index]):.2f}"
         if glyphs(size).width(longer) <= room:
             detail = longer
-    draw_text(canvas, margin, layout.text_y(2), _fit(detail, size, room), TEXT_RGB, size=size)
-    x = margin + draw_text(canvas, margin, layout.text_y(3), "outline: lesion", OUTLINE_RGB,
+    draw_text(draw, margin, layout.text_y(2), _fit(detail, size, room), TEXT_RGB, size=size)
+    x = margin + draw_text(draw, margin, layout.text_y(3), "outline: lesion", OUTLINE_RGB,
                            size=size)
-    if attention is not None and sc.heatmap_opacity > 0:
-        draw_text(canvas, x, layout.text_y(3), "   " + heat_legend(sc), TEXT_RGB, size=size)
-    draw_text(canvas, margin, layout.text_y(4),
+    if shows_heat:
+        draw_text(draw, x, layout.text_y(3), "   " + heat_legend(sc), TEXT_RGB, size=size)
+    draw_text(draw, margin, layout.text_y(4),
               _fit(f"{common.NOT_FOR_DIAGNOSIS.upper()}   model {result.model_version}", size,
                    room, bold=True), WARNING_RGB, size=size, bold=True)
 
     # Colour bar, right of the image.
-    if attention is not None and sc.heatmap_opacity > 0:
-        _colour_bar(canvas, width, 0, height, layout.panel, size, top,
+    if shows_heat:
+        _colour_bar(picture, draw, width, height, layout.panel, size, top,
                     "prob." if sc.heatmap == "lesion_probability" else "attn.")
-    return canvas
+    return np.asarray(picture)
 
 
-def _colour_bar(canvas: np.ndarray, x0: int, y0: int, height: int, panel: int, size: int,
-                top: float, label: str) -> None:
+def _colour_bar(picture: Image.Image, draw: ImageDraw.ImageDraw, x0: int, height: int,
+                panel: int, size: int, top: float, label: str) -> None:
     bar_height = int(height * 0.6)
-    bar_top = y0 + (height - bar_height) // 2
+    bar_top = (height - bar_height) // 2
     bar_left, bar_width = x0 + panel // 6, max(8, panel // 5)
     values = np.linspace(1, 0, bar_height)[:, None]
     colors = heat_colors(np.repeat(values, bar_width, axis=1))
-    canvas[bar_top:bar_top + bar_height, bar_left:bar_left + bar_width] = np.rint(colors)
+    picture.paste(Image.fromarray(np.rint(colors).astype(np.uint8)), (bar_left, bar_top))
     text_x = bar_left + bar_width + 4
     line = glyphs(size).height
     for fraction in (1.0, 0.5, HEAT_FLOOR, 0.0):
         y = bar_top + int((1 - fraction) * (bar_height - 1))
-        canvas[y, bar_left + bar_width:bar_left + bar_width + 3] = TEXT_RGB
-        draw_text(canvas, text_x, y - line // 2, f"{fraction * top:.2g}", TEXT_RGB, size=size)
-    draw_text(canvas, bar_left - 2, bar_top - line - 6, label, TEXT_RGB, size=size)
+        draw.line([(bar_left + bar_width, y), (bar_left + bar_width + 2, y)], fill=TEXT_RGB)
+        draw_text(draw, text_x, y - line // 2, f"{fraction * top:.2g}", TEXT_RGB, size=size)
+    draw_text(draw, bar_left - 2, bar_top - line - 6, label, TEXT_RGB, size=size)
 
 
-def build_overlays(volume: Volume, result: AnalysisResult, settings: ResultsSettings
-                   ) -> list[hd.sc.SCImage]:
-    """One RGB Secondary Capture per key slice, in the source study, as one new series."""
+def build_overlays(volume: Volume, result: AnalysisResult, settings: ResultsSettings,
+                   indices: list[int]) -> list[hd.sc.SCImage]:
+    """One RGB Secondary Capture per key slice (``indices``, from :func:`key_slices`,
+    head first), in the source study, as one new series."""
     version = result.model_version
     header = common.source_header(volume)
-    indices = key_slices(result, settings.sc, volume.slice_offsets)
-    # Head first, as slices are usually read (slice 0 is the lowest along the normal).
-    indices.sort(reverse=True)
     series_uid = common.result_uid(settings, volume, version, "sc-series")
     orientation = common.patient_orientation(volume)
     images = []

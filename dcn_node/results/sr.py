@@ -77,21 +77,6 @@ def _tracking(settings: ResultsSettings, volume: Volume, result: AnalysisResult,
         identifier=name)
 
 
-def measurements(volume: Volume, result: AnalysisResult) -> dict[str, float | int]:
-    """The reported numbers: volumes in ml, involvement in percent, slice count."""
-    voxel_ml = volume.voxel_volume_ml
-    lesion_ml = float(np.count_nonzero(result.lesion)) * voxel_ml
-    lung_ml = float(np.count_nonzero(result.lung)) * voxel_ml
-    slices = int(np.count_nonzero(result.lesion.reshape(result.lesion.shape[0], -1).any(1)))
-    return {
-        "probability": round(float(result.probability), 4),
-        "lesion_ml": round(lesion_ml, 2),
-        "lung_ml": round(lung_ml, 2),
-        "involvement_percent": round(100.0 * lesion_ml / lung_ml, 3) if lung_ml else 0.0,
-        "slices_with_lesions": slices,
-    }
-
-
 def _assessment_group(volume: Volume, result: AnalysisResult, settings: ResultsSettings,
                       values: dict[str, float | int]
                       ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
@@ -158,7 +143,7 @@ def build_report(volume: Volume, result: AnalysisResult, settings: ResultsSettin
     """The TID 1500 report of ``result``; ``seg``, the SEG of the same result, is named in
     the evidence."""
     version = result.model_version
-    values = measurements(volume, result)
+    values = common.measurements(volume, result)
     groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [
         _assessment_group(volume, result, settings, values)]
     regions = lesion_regions(volume, result.lesion, result.lung, settings.sr.lesion_regions)
