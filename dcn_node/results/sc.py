@@ -185,7 +185,7 @@ class OverlayLayout:
 
 
 #: Text lines below the image, then blank lines under them for the viewer's overlays.
-TEXT_LINES, BLANK_LINES = 5, 2
+TEXT_LINES, BLANK_LINES = 6, 2
 
 
 def overlay_layout(volume: Volume, settings: ResultsSettings) -> OverlayLayout:
@@ -289,9 +289,13 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
                            size=size)
     if shows_heat:
         draw_text(draw, x, layout.text_y(3), "   " + heat_legend(sc), TEXT_RGB, size=size)
-    draw_text(draw, margin, layout.text_y(4),
-              _fit(f"{common.NOT_FOR_DIAGNOSIS.upper()}   model {result.model_version}", size,
-                   room, bold=True), WARNING_RGB, size=size, bold=True)
+    # The model version on a line of its own: it names the weights, and beside the warning
+    # it was cut short on a 512-pixel image.
+    draw_text(draw, margin, layout.text_y(4), _fit(f"model {result.model_version}", size, room),
+              TEXT_RGB, size=size)
+    draw_text(draw, margin, layout.text_y(5),
+              _fit(common.NOT_FOR_DIAGNOSIS.upper(), size, room, bold=True), WARNING_RGB,
+              size=size, bold=True)
 
     # Colour bar, right of the image.
     if shows_heat:
