@@ -17,7 +17,14 @@ from pydicom.uid import generate_uid
 from dcn_node.node import Node
 from dcn_node.store.outbox import ResultObject
 from dcn_node.store.spool import Job
-from tests.conftest import AssociationRejected, free_port, require_tool, send_datasets, wait_for
+from tests.conftest import (
+    AssociationRejected,
+    associate,
+    free_port,
+    require_tool,
+    send_datasets,
+    wait_for,
+)
 from tests.dicom_factory import ct_series, ct_slice
 
 #: Label names a dcn_ metric may carry: small fixed sets, never a UID.
@@ -211,6 +218,41 @@ def test_stuck_outbox_makes_the_node_not_ready(start_node, tmp_path: Path) -> No
     assert value(node, "dcn_dead_letters", destination="gone") == 0
 
 
+def test_a_destination_that_rejects_is_retried_with_its_reason(start_node, tmp_path: Path) -> None:
+    """A peer that rejects our association (here: stock pynetdicom, called AE title not
+    its own): the delivery stays pending, is retried and carries the peer's reason."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    peer = AE(ae_title="RIGHT")
+    peer.require_called_aet = True
+    peer.add_supported_context(SecondaryCaptureImageStorage)
+    port = free_port()
+    server = peer.start_server(("127.0.0.1", port), block=False)
+    try:
+        node = start_node(
+            destinations=[{"name": "picky", "ae_title": "WRONG", "host": "127.0.0.1",
+                           "port": port}],
+            sender={"retry_initial_seconds": 0.2, "retry_max_interval_seconds": 0.5},
+        )
+        ds = ct_slice(generate_uid(), generate_uid(), 0)
+        path = tmp_path / "object.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        job = Job(1, ds.StudyInstanceUID, ds.SeriesInstanceUID, 0, "processing", None)
+        node.outbox.record_result_set(job, tmp_path, [
+            ResultObject("sr", str(ds.SOPClassUID), str(ds.SOPInstanceUID), path)],
+            {"picky": ("sr",)})
+        node._wake_senders()
+        wait_for(lambda: value(node, "dcn_result_deliveries_total", destination="picky",
+                               kind="sr", outcome="retry") >= 2, timeout=30)
+        [delivery] = node.outbox.deliveries()
+        assert delivery.state == "pending"
+        assert "association rejected by WRONG@127.0.0.1" in (delivery.last_error or "")
+        assert "Called AE title not recognised" in (delivery.last_error or "")
+    finally:
+        server.shutdown()
+
+
 def test_refusals_when_full_are_counted_by_reason(start_node) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
@@ -221,8 +263,8 @@ def test_refusals_when_full_are_counted_by_reason(start_node) -> None:
     first = ae.associate("127.0.0.1", node.receiver.port, ae_title="DCN_NODE")
     try:
         assert first.is_established
-        second = ae.associate("127.0.0.1", node.receiver.port, ae_title="DCN_NODE")
-        assert second.is_rejected
+        with pytest.raises(AssociationRejected):
+            associate(ae, node.receiver.port)
         wait_for(lambda: value(node, "dcn_associations_active") == 1)
     finally:
         first.release()

@@ -19,7 +19,15 @@ from pynetdicom.sop_class import CTImageStorage
 from dcn_node.store.outbox import Outbox
 from dcn_node.store.spool import Spool
 from dcn_train.phantom import PhantomCase, generate_phantom
-from tests.conftest import NODE_AET, free_port, require_tool, send_datasets, wait_for
+from tests.conftest import (
+    NODE_AET,
+    AssociationRejected,
+    associate,
+    free_port,
+    require_tool,
+    send_datasets,
+    wait_for,
+)
 from tests.node_process import NodeProcess
 from tests.orthanc import ORTHANC_AET, Orthanc, orthanc_workdir
 
@@ -295,10 +303,10 @@ def test_backpressure_refuses_associations_as_transient(
     wait_for(lambda: node.spool.list_jobs("queued"), timeout=30)
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title=NODE_AET)
-    assert assoc.is_rejected
-    assert assoc.acceptor.primitive.result == 0x02  # rejected-transient
-    assert assoc.acceptor.primitive.diagnostic == 0x02  # local-limit-exceeded
+    with pytest.raises(AssociationRejected) as refused:
+        associate(ae, node.receiver.port)
+    # rejected-transient, DUL service provider (presentation), local-limit-exceeded
+    assert refused.value.reason == (0x02, 0x03, 0x02)
 
 
 def test_sigterm_finishes_in_flight_stores_and_refuses_new_ones(

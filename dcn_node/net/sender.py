@@ -28,6 +28,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from dcn_node.config import Destination, SenderSettings
 from dcn_node.net import transport_tuning
@@ -206,18 +207,26 @@ class DestinationSender:
             contexts.extend(build_context(sop_class, ts) for ts in transfer_syntaxes)
         if len(contexts) > 128:
             raise TransientError("too many presentation contexts")
+        # The reject as it came off the wire: pynetdicom 3.0.4 may report a received
+        # A-ASSOCIATE-RJ as an abort when its DUL closed the socket first.
+        rejects: list[A_ASSOCIATE_RJ] = []
+        handlers = [(evt.EVT_CONN_OPEN, _tcp_nodelay),
+                    (evt.EVT_PDU_RECV, lambda event: rejects.extend(
+                        [event.pdu] if isinstance(event.pdu, A_ASSOCIATE_RJ) else []))]
         try:
             assoc = ae.associate(
                 dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title,
-                tls_args=tls_context(dest), evt_handlers=[(evt.EVT_CONN_OPEN, _tcp_nodelay)],
+                tls_args=tls_context(dest), evt_handlers=handlers,
             )
         except (OSError, ssl.SSLError) as exc:
             raise TransientError(f"cannot connect: {exc}") from exc
         if assoc.is_established:
             return assoc
-        if assoc.is_rejected:
+        if rejects:
+            reject = rejects[0]
             raise TransientError(f"association rejected by {dest.ae_title}@{dest.host}:"
-                                 f"{dest.port}")
+                                 f"{dest.port}: {reject.result_str}, {reject.source_str}, "
+                                 f"{reject.reason_str}")
         if assoc.is_aborted:
             raise TransientError(f"association aborted by {dest.ae_title}@{dest.host}:"
                                  f"{dest.port}")
