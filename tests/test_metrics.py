@@ -3,6 +3,7 @@ promtool's verdict on the output, and every reason readiness can give."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import time
@@ -15,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
 from dcn_node.node import Node
+from dcn_node.ops.health import Liveness, Readiness
+from dcn_node.ops.metrics import MetricsServer, NodeMetrics
 from dcn_node.store.outbox import ResultObject
 from dcn_node.store.spool import Job
 from tests.conftest import (
@@ -148,6 +151,56 @@ def test_health_endpoints(start_node) -> None:
     node.stop()
     with pytest.raises(urllib.error.URLError):  # closed with the node
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_metrics_negotiation_and_errors() -> None:
+    """/metrics is prometheus_client's app (OpenMetrics by Accept, gzip, name[] filters);
+    the probes answer only GET, and a probe that raises answers 500 with its reason."""
+    def broken() -> Readiness:
+        raise RuntimeError("boom")
+
+    server = MetricsServer("127.0.0.1", 0, NodeMetrics(), broken, lambda: Liveness(()))
+    server.start()
+    url = f"http://127.0.0.1:{server.port}"
+
+    def fetch(path: str, method: str = "GET", **headers: str) -> tuple[int, dict, bytes]:
+        request = urllib.request.Request(url + path, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    try:
+        status, headers, body = fetch(
+            "/metrics", Accept="application/openmetrics-text; version=1.0.0")
+        assert status == 200 and headers["Content-Type"].startswith("application/openmetrics")
+        assert body.endswith(b"# EOF\n") and b"dcn_build_info" in body
+        status, headers, body = fetch("/metrics?name[]=dcn_build_info",
+                                      **{"Accept-Encoding": "gzip"})
+        assert headers["Content-Type"].startswith("text/plain")
+        assert headers["Content-Encoding"] == "gzip"
+        families = list(text_string_to_metric_families(gzip.decompress(body).decode()))
+        assert [f.name for f in families] == ["dcn_build_info"]
+        assert fetch("/healthz")[::2] == (200, b'{"status": "alive"}')
+        assert fetch("/healthz", method="POST")[0] == 405
+        assert fetch("/readyz")[::2] == (500, b'{"status": "error", "reason": "RuntimeError"}')
+        assert fetch("/metrics/")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_metrics_server_listens_on_ipv6() -> None:
+    server = MetricsServer("::1", 0, NodeMetrics(), lambda: Readiness({}), lambda: Liveness(()))
+    try:
+        server.start()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/readyz", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.stop()
 
 
 def test_not_ready_while_the_spool_is_short_of_space(start_node) -> None:

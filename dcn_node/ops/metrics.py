@@ -9,9 +9,9 @@ Events are counted as they happen through the ``record_*`` methods, which the se
 passes to each stage as its callbacks. Queue depths, spool space and readiness are read
 when Prometheus scrapes (:class:`NodeState`), so they are always current.
 
-HTTP on ``metrics.host:metrics.port``: ``/metrics`` (text exposition), ``/healthz``
-(liveness) and ``/readyz`` (readiness), the last two with a short JSON body and 503 plus
-the reasons when not OK.
+HTTP on ``metrics.host:metrics.port``: ``/metrics`` (text or OpenMetrics by ``Accept``,
+gzip, ``name[]`` filters: prometheus_client's), ``/healthz`` (liveness) and ``/readyz``
+(readiness), the last two with a short JSON body and 503 plus the reasons when not OK.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,15 +33,19 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from dcn_node import __version__
 from dcn_node.errors import FailureReason
 from dcn_node.ops.health import READINESS_CHECKS, Liveness, Readiness
 from dcn_node.store.quarantine import SKIP_REASONS
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 LOGGER = logging.getLogger(__name__)
 
@@ -356,53 +362,23 @@ class NodeMetrics:
             self.model_info.clear()
             self.model_info.labels(MODEL_NAME, version, profile, device).set(1)
 
-    def exposition(self) -> bytes:
-        """The registry in Prometheus' text format."""
-        return bytes(generate_latest(self.registry))
 
+class _QuietHandler(WSGIRequestHandler):
+    """The access log at DEBUG (prometheus_client's ``_SilentHandler`` is private)."""
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path = self.path.split("?", 1)[0]
-        try:
-            if path == "/metrics":
-                self._answer(200, self.server.metrics.exposition(), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                live = self.server.liveness()
-                self._answer(200 if live.ok else 503, live.to_json())
-            elif path == "/readyz":
-                ready = self.server.readiness()
-                self._answer(200 if ready.ok else 503, ready.to_json())
-            else:
-                self._answer(404, b'{"status": "not found", "paths": '
-                                  b'["/metrics", "/healthz", "/readyz"]}')
-        except Exception as exc:  # answer 500 with the reason; the server goes on
-            LOGGER.exception("GET %s failed", path)
-            self._answer(500, f'{{"status": "error", "reason": "{type(exc).__name__}"}}'.encode())
-
-    def _answer(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         LOGGER.debug("%s %s", self.address_string(), format % args)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    metrics: NodeMetrics
-    readiness: Callable[[], Readiness]
-    liveness: Callable[[], Liveness]
+def _json(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Cache-Control", "no-store")])
+    return [body]
 
 
 class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` over HTTP, on its own thread.
+    """``/metrics`` (prometheus_client's WSGI app), ``/healthz`` and ``/readyz`` on a
+    threaded wsgiref server of its own thread, as ``prometheus_client.start_wsgi_server``.
 
     Parameters
     ----------
@@ -417,30 +393,53 @@ class MetricsServer:
     def __init__(self, host: str, port: int, metrics: NodeMetrics,
                  readiness: Callable[[], Readiness], liveness: Callable[[], Liveness]) -> None:
         self._address = (host, port)
-        self._metrics = metrics
-        self._readiness = readiness
-        self._liveness = liveness
-        self._server: _Server | None = None
+        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._probes: dict[str, Callable[[], Readiness | Liveness]] = {
+            "/healthz": liveness, "/readyz": readiness}
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
+    def app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """The WSGI application: ``/metrics``, the two probes, 404 elsewhere."""
+        path = environ.get("PATH_INFO", "")
+        try:
+            if path == "/metrics":
+                return self._metrics_app(environ, start_response)
+            probe = self._probes.get(path)
+            if probe is None:
+                return _json(start_response, "404 Not Found", b'{"status": "not found", '
+                             b'"paths": ["/metrics", "/healthz", "/readyz"]}')
+            if environ["REQUEST_METHOD"] != "GET":
+                return _json(start_response, "405 Method Not Allowed",
+                             b'{"status": "method not allowed", "allow": ["GET"]}')
+            answer = probe()
+            return _json(start_response, "200 OK" if answer.ok else "503 Service Unavailable",
+                         answer.to_json())
+        except Exception as exc:  # answer 500 with the reason; the server goes on
+            LOGGER.exception("%s %s failed", environ.get("REQUEST_METHOD"), path)
+            return _json(start_response, "500 Internal Server Error",
+                         f'{{"status": "error", "reason": "{type(exc).__name__}"}}'.encode())
+
     def start(self) -> None:
-        server = _Server(self._address, _Handler)
-        server.metrics = self._metrics
-        server.readiness = self._readiness
-        server.liveness = self._liveness
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="metrics-http",
+        host, port = self._address
+        # IPv4 or IPv6 by the host, as prometheus_client's start_wsgi_server does.
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        # ThreadingWSGIServer: public name, not in exposition.__all__ (0.20 to 0.26 have it).
+        server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family})
+        self._server = make_server(host, port, self.app, server_class, _QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
         LOGGER.info("Metrics and health on http://%s:%d (/metrics /healthz /readyz)",
-                    self._address[0], self.port)
+                    host, self.port)
 
     @property
     def port(self) -> int:
         """The port listened on (the configured one until started)."""
         if self._server is None:
             return self._address[1]
-        return int(self._server.server_address[1])
+        return int(self._server.server_port)
 
     def stop(self) -> None:
         if self._server is None:
