@@ -38,12 +38,13 @@ RUN pip install --upgrade pip \
     && pip install "${TORCH_SPEC}" --index-url "${TORCH_INDEX}"
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
-# The runtime only: dcn_train (phantoms, training) stays out of the image.
+# The runtime only: dcn_train (phantoms, training) stays out of the image. The shipped weights
+# (dcn_node/models/) and default config are package data: installed with the package.
 COPY dcn_node ./dcn_node
 # constraints.txt: the pynetdicom release the fast receive path is written for.
 RUN pip install -c constraints.txt . && dcn-node --version
 
-# -- runtime: the environment, the weights and a config; no compilers, no root -----------
+# -- runtime: the environment (its package holds the weights) and a config; no root ------
 FROM base AS runtime
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="dcn-node" \
@@ -56,7 +57,6 @@ RUN groupadd --system --gid 10001 dcn-node \
     && mkdir -p /var/lib/dcn-node/spool /etc/dcn-node \
     && chown -R dcn-node:dcn-node /var/lib/dcn-node
 COPY --from=build /opt/dcn-node/venv /opt/dcn-node/venv
-COPY models /opt/dcn-node/models
 COPY deploy/docker/dcn-node.yaml /etc/dcn-node/dcn-node.yaml
 ENV PATH=/opt/dcn-node/venv/bin:$PATH \
     HOME=/var/lib/dcn-node \

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-CONFIG ?= config/dcn-node.yaml
+CONFIG ?= dcn_node/dcn-node.yaml
 # CPU build of torch; see README "GPU install" for CUDA machines.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages the test suite talks to as real peers.

@@ -6,7 +6,7 @@ count, runs the model, encodes SEG/SC/SR and sends them to a real Orthanc on loo
 For each series it prints the end-to-end latency (last instance acknowledged by the node
 -> every result object acknowledged by Orthanc), then p50, max and series per hour.
 
-    .venv/bin/python bench/e2e.py [--series 4] [--slices 300] [--models models]
+    .venv/bin/python bench/e2e.py [--series 4] [--slices 300] [--models dcn_node/models]
 """
 
 from __future__ import annotations

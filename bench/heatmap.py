@@ -4,9 +4,9 @@ On held-out phantoms with lesions (seeds never trained on), for each map: the pi
 AUC of lesion against lesion-free lung pixels (how well the map ranks lesion pixels first),
 and, for the raw maps before the node masks them, the share of the map's mass that lies in
 the true lungs (where a radiologist would look). The SC default (``sc.heatmap``) follows
-from these figures (models/README.md).
+from these figures (dcn_node/models/README.md).
 
-    .venv/bin/python bench/heatmap.py [--models models] [--cases 6]
+    .venv/bin/python bench/heatmap.py [--models dcn_node/models] [--cases 6]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ float16 autocast on CUDA); also that path without autocast ("opt-fp32"). Same we
 volume, same process; prints seconds for each, the ratio, and the accuracy delta between
 the two paths (lesion/lung mask agreement as DSC, probability difference).
 
-    .venv/bin/python bench/inference.py [--profile lite] [--device cpu] [--models models]
+    .venv/bin/python bench/inference.py [--profile lite] [--device cpu] [--models dcn_node/models]
 
 Goals (issue 3, 2-core CPU): optimized <= 20 s per series and >= 3x over naive.
 """

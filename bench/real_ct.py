@@ -10,7 +10,7 @@ tumour (RTSTRUCT GTV) outlined as COVID-19 lesion. Then ``--variants`` insertion
 threshold where the series is assessable). The head CT: the gate's verdict only. Which
 patients were used in training is printed with each row (``split``).
 
-    .venv/bin/python bench/real_ct.py [--models models] [--variants 3] [--cache var/real-ct]
+    .venv/bin/python bench/real_ct.py [--models DIR] [--variants 3] [--cache var/real-ct]
 """
 
 from __future__ import annotations

@@ -403,13 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="run the model on a DICOM folder, offline")
     analyze.add_argument("dicom_dir", type=Path)
     analyze.add_argument("--out", type=Path, required=True)
-    analyze.add_argument("--models", type=Path, help="weights folder (default: models/)")
+    analyze.add_argument("--models", type=Path,
+                         help="weights folder (default: the shipped dcn_node/models/)")
     _add_config_argument(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
     evaluate = sub.add_parser("evaluate", help="paper metrics on held-out phantoms")
     evaluate.add_argument("--out", type=Path, default=Path("var/evaluation"))
-    evaluate.add_argument("--models", type=Path, help="weights folder (default: models/)")
+    evaluate.add_argument("--models", type=Path,
+                          help="weights folder (default: the shipped dcn_node/models/)")
     evaluate.add_argument("--profile", choices=["lite", "paper"], default="lite")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--cases", type=int, default=40, help="half with lesions, half not")
@@ -442,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(func=cmd_calibrate)
 
     train = sub.add_parser("train", help="train the lung U-Net, DCN and SPM (resumable)")
-    train.add_argument("--out", type=Path, default=Path("models"), help="weights folder")
+    train.add_argument("--out", type=Path, default=Path("var/models"),
+                       help="weights folder (the shipped ones: dcn_node/models)")
     train.add_argument("--profile", choices=["lite", "paper"], default="lite")
     train.add_argument("--manifest", type=Path, help="CSV of real cases (image,lung_mask,"
                        "lesion_mask,label); default: generated phantoms")

@@ -12,6 +12,7 @@ process that loads the file: ``make run`` runs from the project root, the system
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,8 +21,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dcn_node.errors import ConfigError
 
-#: The configuration shipped with the project and used by ``make run``.
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "dcn-node.yaml"
+
+def package_path(name: str) -> Path:
+    """A file or folder shipped inside the package (package data), as a file-system path.
+
+    Found through :mod:`importlib.resources`, so it is the installed copy wherever the
+    package lives (a wheel in site-packages, or the checkout of an editable install).
+
+    Raises
+    ------
+    RuntimeError
+        If the package is not installed as files (e.g. imported from a zip): the weights are
+        read with ``torch.load`` and the config by path.
+    """
+    path = resources.files("dcn_node") / name
+    if not isinstance(path, Path):
+        raise RuntimeError(f"dcn_node is not installed as files: cannot use {path}")
+    return path
+
+
+#: The configuration shipped in the package (``dcn_node/dcn-node.yaml``), used by
+#: ``make run`` and by every command without ``--config``.
+DEFAULT_CONFIG_PATH = package_path("dcn-node.yaml")
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]+$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -207,7 +228,8 @@ class QualityGateSettings(_Frozen):
 class InferenceSettings(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     profile: Literal["lite", "paper"] = "lite"
-    #: Folder with the weights and their manifest; default: the shipped models/.
+    #: Folder with the weights and their manifest; default: the weights shipped in the
+    #: package (``dcn_node/models/``).
     models_dir: Path | None = None
     #: Run queued series through the model (off: receive and queue only).
     enabled: bool = True
@@ -249,7 +271,7 @@ class ScResultSettings(_Frozen):
     #: What the heat map shows, always only inside the lungs: ``lesion_probability`` (the
     #: DCN's per-pixel lesion probability, 0-1) or ``attention`` (the map of one
     #: lesion-attention module, scaled to its maximum inside the lungs of the slice). See
-    #: models/README.md for how well each marks lesions.
+    #: the model card (dcn_node/models/README.md) for how well each marks lesions.
     heatmap: Literal["lesion_probability", "attention"] = "lesion_probability"
     #: Which lesion-attention module's map is drawn (the paper's LA modules 1-4).
     attention_module: Annotated[int, Field(ge=1, le=4)] = 3

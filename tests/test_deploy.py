@@ -133,7 +133,6 @@ def test_dockerfile_follows_the_platform_conventions() -> None:
     assert re.search(r"^EXPOSE 11112 9108$", text, re.M)
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for path in source.split():
-            # models/: the shipped weights (models/README.md), which the image carries.
             assert (ROOT / path).exists(), f"COPY source {path} missing: docker build fails"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "var" in ignored

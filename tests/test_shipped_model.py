@@ -1,6 +1,7 @@
-"""The weights shipped in models/: they load against their manifest, find the lungs of
-phantoms they never saw, and `dcn-node analyze` runs end to end with them. Their lesion and
-classification accuracy is measured by `dcn-node evaluate` (figures in models/README.md)."""
+"""The weights shipped in dcn_node/models/: they load against their manifest, find the lungs
+of phantoms they never saw, and `dcn-node analyze` runs end to end with them. Their lesion and
+classification accuracy is measured by `dcn-node evaluate` (figures in the model card,
+dcn_node/models/README.md)."""
 
 from __future__ import annotations
 

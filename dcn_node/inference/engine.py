@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcn_node.config import QualityGateSettings
+from dcn_node.config import QualityGateSettings, package_path
 from dcn_node.errors import DcnNodeError
 from dcn_node.inference.anatomy import classical_anatomy, constrain_lung
 from dcn_node.inference.networks import (
@@ -49,8 +49,8 @@ __all__ = ["AnalysisResult", "Engine", "ModelIntegrityError", "run_lung_then_dcn
 
 LOGGER = logging.getLogger(__name__)
 
-#: Shipped weights: models/ at the project root.
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+#: The shipped weights, their manifest and model card: package data (``dcn_node/models/``).
+DEFAULT_MODELS_DIR = package_path("models")
 
 
 @dataclass
