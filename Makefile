@@ -79,8 +79,10 @@ test: test-deps
 audit: venv
 	$(VENV)/bin/pip-audit --progress-spinner off --skip-editable --strict
 
+# The same checks as tests/test_lint.py (part of make test); mypy's files: pyproject.toml.
 lint: venv
 	$(VENV)/bin/ruff check dcn_node dcn_train tests bench
+	$(VENV)/bin/mypy
 
 bench: venv
 	$(PY) bench/ingest.py

@@ -191,7 +191,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made in globals()
 
     ae = AE(ae_title=args.aet)
     ae.add_requested_context(Verification)

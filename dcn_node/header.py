@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
@@ -256,7 +256,7 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
             image_type=tuple(v.upper() for v in values.values("ImageType")),
             rows=values.unsigned_short("Rows"),
             columns=values.unsigned_short("Columns"),
-            pixel_spacing=spacing,  # type: ignore[arg-type]
+            pixel_spacing=spacing,
             image_orientation=orientation,
             positions=positions,
             frame_of_reference_uid=values.text("FrameOfReferenceUID"),
@@ -303,13 +303,13 @@ def read_header(
         elif hasattr(encoded, "read"):
             stream = encoded  # type: ignore[assignment]
         else:
-            stream = BytesIO(encoded)  # type: ignore[arg-type]
+            stream = BytesIO(encoded)
         implicit = transfer_syntax_uid == ImplicitVRLittleEndian
         try:
             ds = _scan_header(stream, implicit)
         except _NotScanned:
             ds = read_dataset(stream, implicit, True, stop_when=_stop_at_pixels,
-                              specific_tags=_TAGS)
+                              specific_tags=list(_TAGS))
     except InvalidInstanceError:
         raise
     except Exception as exc:
@@ -374,7 +374,7 @@ def _scan_header(stream: BinaryIO, implicit: bool) -> Dataset:
     if getbuffer is None:
         raise _NotScanned
     start = stream.tell()
-    elements: dict[BaseTag, RawDataElement] = {}
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
     with getbuffer() as buffer:
         data = buffer[start:]
         offset, end = 0, len(data)

@@ -42,7 +42,7 @@ class Case:
             arrays["lung"] = self.lung
         if self.lesion is not None:
             arrays["lesion"] = self.lesion
-        np.savez(path, **arrays)
+        np.savez(path, allow_pickle=False, **arrays)  # numbers and bools only: no pickles
 
     @classmethod
     def load(cls, path: Path) -> Case:
@@ -63,8 +63,8 @@ def make_case(
     """Window a HU volume (slices, rows, columns) and bring it and its masks onto the
     network grid (:func:`~dcn_node.inference.transforms.to_network_grid`; without a pixel
     spacing, a plain resize to ``size``)."""
-    image = to_network_grid(torch.from_numpy(window(hu)), pixel_spacing_mm, size).images
-    image = image.numpy().astype(np.float16)
+    grid = to_network_grid(torch.from_numpy(window(hu)), pixel_spacing_mm, size).images
+    image = grid.numpy().astype(np.float16)
 
     def _mask(mask: np.ndarray | None) -> np.ndarray | None:
         if mask is None:

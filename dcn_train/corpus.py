@@ -180,11 +180,13 @@ def training_corpus(cache_dir: Path, size: int, phantoms: int, real_cache: Path 
             return {v.name: v for v in real_variants(case, real_variants_per_case,
                                                      4242 + index)}
 
+        def variant_of(index: int, case: object, name: str) -> CaseVolume:
+            return variants_of(index, case)[name]
+
         for index, case in enumerate(real_cases(real_cache)):
             if case.split == "train" and case.region == "chest":
                 for variant in real_variant_names(case.name, real_variants_per_case):
-                    cases.append((variant, lambda i=index, c=case, n=variant:
-                                  variants_of(i, c)[n]))
+                    cases.append((variant, functools.partial(variant_of, index, case, variant)))
     return cache_cases(cases, cache_dir, size)
 
 

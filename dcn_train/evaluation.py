@@ -7,9 +7,12 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn
+    from matplotlib.typing import LegendLocType
 
 LOGGER = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def classification_table(slice_level: Classification, individual: Classification
 
 
 def save_curves_png(path: Path, lines: list[tuple[str, Any, Any, str]], *, title: str,
-                    xlabel: str, ylabel: str, legend: str) -> None:
+                    xlabel: str, ylabel: str, legend: LegendLocType) -> None:
     """A square plot of (label, x, y, marker) lines over the diagonal, saved as PNG."""
     import matplotlib
 

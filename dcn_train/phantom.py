@@ -26,7 +26,7 @@ import numpy as np
 from pydicom import dcmwrite
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from dcn_node import __version__
@@ -176,8 +176,8 @@ def _add_vessels(rng: np.random.Generator, lay: Layout, g: Grid, z: np.ndarray, 
         for elev in (-65, -35, -5, 25, 55):
             for azim in (-60, 0, 60):
                 e = math.radians(elev + rng.uniform(-10, 10))
-                a = math.radians(azim + rng.uniform(-15, 15))
-                d = (lateral * math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e))
+                az = math.radians(azim + rng.uniform(-15, 15))
+                d = (lateral * math.cos(e) * math.cos(az), math.cos(e) * math.sin(az), math.sin(e))
                 for start, r0 in ((art, 2.9), (vein, 2.6)):
                     roots.append((start, d, r0 * rng.uniform(0.85, 1.1), s, start is art))
     segs = [(np.array([t[0] for t in trunks], float), np.array([t[1] for t in trunks], float),
@@ -571,7 +571,7 @@ def _write(volume: PhantomVolume, series_dir: Path, seed: int,
         ds.PixelData = stored[i].tobytes()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = sop_uids[i]
+        meta.MediaStorageSOPInstanceUID = UID(sop_uids[i])
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
         dcmwrite(series_dir / f"CT{number:06d}.dcm", ds, enforce_file_format=True)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +39,8 @@ from dcn_train.losses import dcn_loss, dice_loss
 __all__ = ["TrainSettings", "Trainer", "save_weights"]
 
 LOGGER = logging.getLogger(__name__)
+
+_Network = TypeVar("_Network", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batches(items, size: int) -> list:  # type: ignore[no-untyped-def]
+def _batches(items, size: int) -> list:
     """Consecutive batches of ``size`` (a short last batch is dropped, as before; at least
     one batch)."""
     steps = max(1, len(items) // size)
@@ -90,7 +93,7 @@ def _slices_with_lesion(case: Case) -> np.ndarray:
     """Per slice: does the case's lesion mask mark anything (all False without a mask)."""
     if case.lesion is None:
         return np.zeros(len(case.image), bool)
-    return case.lesion.reshape(len(case.lesion), -1).any(1)
+    return np.asarray(case.lesion.reshape(len(case.lesion), -1).any(1))
 
 
 def _save_replacing(state: dict, path: Path) -> None:
@@ -143,7 +146,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if cpu else torch.float16,
                               enabled=enabled)
 
-    def _optimizer(self, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, object]:
+    def _optimizer(self, model: torch.nn.Module
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         optimizer = torch.optim.Adam(model.parameters(), lr=self.settings.learning_rate)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, self.settings.lr_decay)
         return optimizer, scheduler
@@ -192,20 +196,19 @@ class Trainer:
             images.append(image * lung if with_lung_mask else image)
             lungs.append(lung)
             lesions.append(lesion)
-        to = {"device": self.device}
         return {
-            "image": torch.from_numpy(np.stack(images)[:, None].copy()).to(**to),
-            "lung": torch.from_numpy(np.stack(lungs)[:, None].copy()).to(**to),
-            "lesion": torch.from_numpy(np.stack(lesions)[:, None].copy()).to(**to),
+            "image": torch.from_numpy(np.stack(images)[:, None].copy()).to(self.device),
+            "lung": torch.from_numpy(np.stack(lungs)[:, None].copy()).to(self.device),
+            "lesion": torch.from_numpy(np.stack(lesions)[:, None].copy()).to(self.device),
         }
 
     def _fit(
         self,
         stage: str,
-        model: torch.nn.Module,
+        model: _Network,
         epochs: int,
         batches: Callable[[], list[Callable[[], dict[str, torch.Tensor]]]],
-    ) -> torch.nn.Module:
+    ) -> _Network:
         """The loop every stage shares: Adam with x``lr_decay`` per epoch, resume from the
         stage's checkpoint, one checkpoint per finished epoch. ``batches`` draws an epoch's
         batches, each a callable computing its losses (the total under ``loss``)."""
@@ -262,7 +265,8 @@ class Trainer:
     def train_dcn(self) -> DCN:
         settings = self.settings
         model = DCN(self.profile).to(self.device)
-        positives, negatives = [], []
+        positives: list[tuple[int, int]] = []
+        negatives: list[tuple[int, int]] = []
         for c, case in enumerate(self.cases):
             if case.lung is None:
                 continue

@@ -275,8 +275,9 @@ class Engine:
         if optimized:
             fold_batch_norms(self.lung_model)
             fold_batch_norms(self.dcn)
-            self.lung_model.to(memory_format=torch.channels_last)
-            self.dcn.to(memory_format=torch.channels_last)
+            # Module.to documents to(memory_format=...), but torch's overloads omit it.
+            self.lung_model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.dcn.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if reduced_precision and self.device.type != "cpu":
                 self.autocast_dtype = torch.float16
             elif reduced_precision and cpu_supports_bfloat16():

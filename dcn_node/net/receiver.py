@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
@@ -56,8 +57,9 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import negotiate_as_acceptor
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification  # type: ignore[attr-defined]  # made in globals() at import
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dcn_node import __version__
@@ -203,7 +205,7 @@ ContextRefusedCallback = Callable[[str], None]
 CONTEXT_WARNING_REPEAT_SECONDS = 86400.0
 
 #: A-ASSOCIATE-AC presentation context results -> (reason code, what the log says).
-_CONTEXT_REFUSALS = {
+_CONTEXT_REFUSALS: dict[int | None, tuple[str, str]] = {
     0x01: ("user", "refused by the acceptor"),
     0x02: ("other", "no reason given"),
     0x03: ("sop_class", "SOP class not accepted (the node takes CT images and Verification)"),
@@ -306,7 +308,7 @@ class StorageSCP:
         if self.settings.node.transport_tuning:
             transport_tuning.install()
         node = self.settings.node
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -383,8 +385,10 @@ class StorageSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling_ae = assoc.requestor.primitive.calling_ae_title.strip()
-        called_ae = assoc.requestor.primitive.called_ae_title.strip()
+        primitive = assoc.requestor.primitive
+        assert primitive is not None  # the A-ASSOCIATE request this event is about
+        calling_ae = primitive.calling_ae_title.strip()
+        called_ae = primitive.called_ae_title.strip()
         host = assoc.requestor.address
         if called_ae != self.settings.node.ae_title:
             # pynetdicom rejects this itself (require_called_aet); we log why.
@@ -447,7 +451,8 @@ class StorageSCP:
             if last is not None and now - last < CONTEXT_WARNING_REPEAT_SECONDS:
                 return logging.DEBUG
             if len(self._context_warned) > 10_000:  # many peers: forget the oldest half
-                for old in sorted(self._context_warned, key=self._context_warned.get)[:5_000]:
+                for old in sorted(self._context_warned,
+                                  key=self._context_warned.__getitem__)[:5_000]:
                     del self._context_warned[old]
             self._context_warned[key] = now
             return logging.WARNING
@@ -474,12 +479,13 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        request = event.request
+        request = cast(C_STORE, event.request)  # pynetdicom types it as any DIMSE request
         calling_ae = event.assoc.requestor.ae_title.strip()
         transfer_syntax = str(event.context.transfer_syntax)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
         # The dataset as received, in pynetdicom's own buffer: parsed and written in place.
         stream = request.DataSet
+        assert stream is not None  # a C-STORE request always carries its data set
         size = stream.seek(0, 2)
         stream.seek(0)
         limit = self.settings.node.max_dataset_bytes
@@ -543,7 +549,7 @@ class StorageSCP:
                         header: InstanceHeader | None = None) -> Dataset:
         """Refuse an instance for what it holds (:meth:`_refuse`) and quarantine the bytes
         received. The status answered is the same whatever happens to the copy."""
-        request = event.request
+        request = cast(C_STORE, event.request)
         calling_ae = event.assoc.requestor.ae_title.strip()
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
         answer = self._refuse(status, sop_instance_uid, calling_ae, reason, code)
@@ -558,7 +564,7 @@ class StorageSCP:
     def _keep_refused(self, event: evt.Event, calling_ae: str, status: int, reason: str,
                       code: str, header: InstanceHeader | None) -> None:
         assert self._quarantine is not None
-        request, requestor = event.request, event.assoc.requestor
+        request, requestor = cast(C_STORE, event.request), event.assoc.requestor
         transfer_syntax = str(event.context.transfer_syntax)
         sop_class_uid = str(request.AffectedSOPClassUID)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
@@ -588,6 +594,7 @@ class StorageSCP:
             meta_uids = (sop_class_uid, sop_instance_uid)
         meta = (encode_file_meta(*meta_uids, transfer_syntax, calling_ae)
                 if all(is_valid_uid(uid) for uid in meta_uids) else None)
+        assert request.DataSet is not None  # checked by _on_store
         with request.DataSet.getbuffer() as body:
             self._quarantine.keep(refused, body, meta)
 

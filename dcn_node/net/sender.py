@@ -29,6 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.presentation import PresentationContext
 
 from dcn_node.config import Destination, SenderSettings
 from dcn_node.net import transport_tuning
@@ -201,7 +202,7 @@ class DestinationSender:
             for uid in (own, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
                 if uid not in wanted:
                     wanted.append(uid)
-        contexts = []
+        contexts: list[PresentationContext] = []
         for sop_class, transfer_syntaxes in syntaxes.items():
             # One context per syntax: the peer accepts each on its own merits.
             contexts.extend(build_context(sop_class, ts) for ts in transfer_syntaxes)
@@ -210,9 +211,11 @@ class DestinationSender:
         # The reject as it came off the wire: pynetdicom 3.0.4 may report a received
         # A-ASSOCIATE-RJ as an abort when its DUL closed the socket first.
         rejects: list[A_ASSOCIATE_RJ] = []
-        handlers = [(evt.EVT_CONN_OPEN, _tcp_nodelay),
-                    (evt.EVT_PDU_RECV, lambda event: rejects.extend(
-                        [event.pdu] if isinstance(event.pdu, A_ASSOCIATE_RJ) else []))]
+        handlers: list[evt.EventHandlerType] = [
+            (evt.EVT_CONN_OPEN, _tcp_nodelay),
+            (evt.EVT_PDU_RECV, lambda event: rejects.extend(
+                [event.pdu] if isinstance(event.pdu, A_ASSOCIATE_RJ) else [])),
+        ]
         try:
             assoc = ae.associate(
                 dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title,

@@ -225,6 +225,7 @@ def _storage_service_for(assoc: Any, request: C_STORE) -> type | None:
         pass
     if pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE:
         return StorageServiceClass
+    assert class_uid is not None  # the caller checked request.is_valid_request
     service_class = uid_to_service_class(class_uid)
     return service_class if issubclass(service_class, StorageServiceClass) else None
 
@@ -594,8 +595,8 @@ def install() -> bool:
         )
         return False
     shim = _time_module_with(event_wait)
-    pynetdicom.association.time = shim  # type: ignore[attr-defined]
-    pynetdicom.dul.time = shim  # type: ignore[attr-defined]
+    pynetdicom.association.time = shim
+    pynetdicom.dul.time = shim
     dul_class = pynetdicom.dul.DULServiceProvider
     dul_class.send_pdu = _send_pdu_and_wake  # type: ignore[method-assign]
     dul_class.run_reactor = _run_reactor_then_close_wake_pair  # type: ignore[method-assign]
@@ -604,7 +605,7 @@ def install() -> bool:
     pynetdicom.dimse.DIMSEServiceProvider.__init__ = (  # type: ignore[method-assign]
         _dimse_init_serving_stores_inline)
     C_STORE_RQ.message_to_primitive = _store_message_to_primitive  # type: ignore
-    pynetdicom.dimse_primitives.set_uid = _set_uid_trusting_checked  # type: ignore
+    pynetdicom.dimse_primitives.set_uid = _set_uid_trusting_checked
     dul_class._read_pdu_data = _read_pdu_data_direct  # type: ignore[method-assign]
     install_safeguards()
     _installed = True
@@ -614,15 +615,15 @@ def install() -> bool:
 def uninstall() -> None:
     """Give pynetdicom back the real ``time`` module and its own socket reads."""
     global _installed, _bulk_installed
-    pynetdicom.association.time = time  # type: ignore[attr-defined]
-    pynetdicom.dul.time = time  # type: ignore[attr-defined]
+    pynetdicom.association.time = time
+    pynetdicom.dul.time = time
     pynetdicom.transport.AssociationSocket.recv = _original_recv  # type: ignore[method-assign]
     pynetdicom.dul.DULServiceProvider.send_pdu = _original_send_pdu  # type: ignore
     pynetdicom.dul.DULServiceProvider.run_reactor = _original_run_reactor  # type: ignore
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _original_send_msg  # type: ignore
     pynetdicom.dimse.DIMSEServiceProvider.get_msg = _original_get_msg  # type: ignore
     pynetdicom.dimse.DIMSEServiceProvider.__init__ = _original_dimse_init  # type: ignore
-    pynetdicom.dimse_primitives.set_uid = _original_set_uid  # type: ignore
+    pynetdicom.dimse_primitives.set_uid = _original_set_uid
     pynetdicom.dul.DULServiceProvider._read_pdu_data = _original_read_pdu_data  # type: ignore
     if "message_to_primitive" in vars(C_STORE_RQ):
         del C_STORE_RQ.message_to_primitive  # back to DIMSEMessage's

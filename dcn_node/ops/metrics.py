@@ -162,8 +162,8 @@ class _StateCollector(Collector):
         ready = gauge("dcn_ready", "1 when /readyz answers ready, else 0.")
         checks = gauge("dcn_ready_check", "Each readiness check: 1 passes, 0 fails.",
                        ["check"])
-        families = [waiting, queued, running, pending, oldest, dead, free, limit, active,
-                    ready, checks]
+        families: list[Metric] = [waiting, queued, running, pending, oldest, dead, free, limit,
+                                  active, ready, checks]
         if state is None:
             return families
         waiting.add_metric([], state.series_waiting)

@@ -16,6 +16,7 @@ pixel at (0, 0), so a pixel centre is at (column + 0.5, row + 0.5).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import contourpy
 import numpy as np
@@ -43,7 +44,9 @@ class LesionRegion:
 def outline(mask: np.ndarray) -> np.ndarray:
     """The closed outline (column, row) of the largest connected piece of a 2D mask."""
     padded = np.pad(mask.astype(np.float32), 1)
-    lines = contourpy.contour_generator(z=padded, line_type="Separate").lines(0.5)
+    generator = contourpy.contour_generator(z=padded, line_type="Separate")
+    # line_type "Separate": a list of (n, 2) arrays (lines() is typed for every line type).
+    lines = cast(list[np.ndarray], generator.lines(0.5))
     longest = max(lines, key=len)  # the outer boundary of the largest piece
     if len(longest) > MAX_OUTLINE_POINTS:
         keep = np.linspace(0, len(longest) - 1, MAX_OUTLINE_POINTS).round().astype(int)

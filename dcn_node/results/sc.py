@@ -227,7 +227,7 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
     attention = heat_map(result, sc, index)
     shows_heat = attention is not None and sc.heatmap_opacity > 0
     top = 1.0
-    if shows_heat:
+    if shows_heat and attention is not None:
         lung = np.repeat(np.repeat(result.lung[index], scale, axis=0), scale, axis=1)
         values = _resample(attention[0], (height, width)) * lung
         if sc.heatmap == "attention":  # relative: scaled to its maximum inside the lungs

@@ -44,8 +44,10 @@ class _LowMemorySegmentation(hd.seg.Segmentation):
     """highdicom's Segmentation with a slice-by-slice overlap check for stacked bool masks."""
 
     @classmethod
-    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type,
-                                    dtype):  # type: ignore[no-untyped-def, override]
+    def _check_and_cast_pixel_array(
+        cls, pixel_array: np.ndarray | hd.Volume, segment_numbers: np.ndarray,
+        segmentation_type: SegmentationTypeValues, dtype: type,
+    ) -> tuple[np.ndarray | hd.Volume, SegmentsOverlapValues]:
         if (isinstance(pixel_array, np.ndarray) and pixel_array.ndim == 4
                 and pixel_array.dtype == np.bool_
                 and segmentation_type == SegmentationTypeValues.BINARY

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +95,7 @@ class Outbox:
 
     def record_result_set(
         self, job: Job, folder: Path, objects: Sequence[ResultObject],
-        destinations: dict[str, Iterable[str]],
+        destinations: Mapping[str, Iterable[str]],
     ) -> int:
         """Record a result set and one pending delivery per object and destination.
 
@@ -161,7 +161,8 @@ class Outbox:
 
     def deliveries(self, *, result_set_id: int | None = None,
                    state: str | None = None) -> list[Delivery]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[int | str] = []
         if result_set_id is not None:
             where.append("d.result_set_id=?")
             args.append(result_set_id)

@@ -405,7 +405,8 @@ class Spool:
     )
 
     def list_series(self, state: str | None = None) -> list[SeriesRecord]:
-        query, args = self._SERIES_SELECT, ()
+        query = self._SERIES_SELECT
+        args: tuple[str, ...] = ()
         if state is not None:
             query, args = query + " WHERE s.state = ?", (state,)
         with self._lock:
