@@ -86,6 +86,7 @@ lint: venv
 
 bench: venv
 	$(PY) bench/ingest.py
+	$(PY) bench/memory.py
 
 # The long robustness runs (docs/robustness.md): kill -9 rounds, load, fuzzing.
 bench-robustness: venv

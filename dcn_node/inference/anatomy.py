@@ -36,8 +36,22 @@ MAX_HOLE_CM2 = 30.0
 #: lung parenchyma, even emphysematous, has vessels and septa that lift its mean.
 GAS_MEAN_HU = -960.0
 
+#: Whole-volume sums are taken this many slices at a time.
+_CHUNK_SLICES = 16
+
 _STRUCT_2D = ndimage.generate_binary_structure(2, 1)
 _STRUCT_3D = ndimage.generate_binary_structure(3, 1)
+
+
+def label_3d(mask: np.ndarray, structure: np.ndarray = _STRUCT_3D) -> tuple[np.ndarray, int]:
+    """``ndimage.label`` into 16-bit labels when there are few enough parts (the labels are
+    the largest array of a whole-volume step: 2 bytes a voxel instead of 4), else 32-bit."""
+    labels = np.empty(mask.shape, np.uint16)
+    try:
+        count = ndimage.label(mask, structure, output=labels)
+    except RuntimeError:  # more than 65,535 parts: "insufficient bit-depth"
+        labels, count = ndimage.label(mask, structure)
+    return labels, int(count)
 
 
 def _disk(radius_px: int) -> np.ndarray:
@@ -139,14 +153,21 @@ def _walled(part: np.ndarray, image: np.ndarray) -> bool:
 
 
 def _keep_components(mask: np.ndarray, voxel_ml: float, values: np.ndarray,
-                     min_mean: float) -> np.ndarray:
+                     min_mean: float, floor: float | None = None) -> np.ndarray:
     """The 3-D components of ``mask`` of at least 5 ml and 5 % of the largest whose mean of
-    ``values`` is at least ``min_mean``."""
-    labels, count = ndimage.label(mask, _STRUCT_3D)
+    ``values`` (raised to ``floor`` first, when given) is at least ``min_mean``."""
+    labels, count = label_3d(mask)
     if count == 0:
         return np.zeros(mask.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1).astype(float)
-    sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=count + 1)
+    sizes = np.zeros(count + 1)
+    sums = np.zeros(count + 1)
+    # A few slices at a time: bincount's weights are float64, 8 bytes a voxel.
+    for start in range(0, mask.shape[0], _CHUNK_SLICES):
+        part = labels[start:start + _CHUNK_SLICES].ravel()
+        chunk = values[start:start + _CHUNK_SLICES]
+        weights = chunk if floor is None else np.maximum(chunk, floor)
+        sizes += np.bincount(part, minlength=count + 1)
+        sums += np.bincount(part, weights=weights.ravel(), minlength=count + 1)
     sizes[0] = 0
     keep = (sizes * voxel_ml >= MIN_PART_ML) & (sizes >= MIN_PART_FRACTION * sizes.max()) \
         & (sums >= min_mean * np.maximum(sizes, 1))
@@ -185,7 +206,7 @@ def _fill_small_holes(mask: np.ndarray, pixel_spacing_mm: float) -> np.ndarray:
         holes[index] = small[labels]
     if not holes.any():
         return mask.copy()
-    labels, count = ndimage.label(holes, _STRUCT_3D)
+    labels, count = label_3d(holes)
     enclosed = mask | holes
     leaks = np.zeros(count + 1, dtype=bool)
     # A hole voxel whose neighbour above or below is neither lung nor hole leaks out.
@@ -218,7 +239,8 @@ def classical_anatomy(hu: np.ndarray, pixel_spacing_mm: float, slice_spacing_mm:
     airway = airway_mask(hu, body, pixel_spacing_mm)
     voxel_ml = pixel_spacing_mm ** 2 * slice_spacing_mm / 1000.0
     candidates = (hu < AIR_HU) & _inside_body(body, 2.0, pixel_spacing_mm) & ~airway
-    lung = _keep_components(candidates, voxel_ml, np.maximum(hu, -1024.0), GAS_MEAN_HU)
+    lung = _keep_components(candidates, voxel_ml, hu, GAS_MEAN_HU, floor=-1024.0)
+    del candidates
     return Anatomy(body, airway, _fill_small_holes(lung, pixel_spacing_mm))
 
 
@@ -250,6 +272,6 @@ def constrain_lung(predicted: np.ndarray, hu: np.ndarray, anatomy: Anatomy,
         if predicted[index].any() and footprint[index].any():
             near[index] = ndimage.distance_transform_edt(~footprint[index]) <= reach_px
     allowed = near & _inside_body(anatomy.body, body_margin_mm, pixel_spacing_mm)
-    lung = _keep_components(predicted & allowed & ~anatomy.airway, voxel_ml,
-                            (hu < AIR_HU).astype(np.float32), 0.5)
+    del footprint, near
+    lung = _keep_components(predicted & allowed & ~anatomy.airway, voxel_ml, hu < AIR_HU, 0.5)
     return _fill_small_holes(lung, pixel_spacing_mm) & ~anatomy.airway

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +33,9 @@ from dcn_node.inference.networks import (
 )
 from dcn_node.inference.quality import GateResult, NotAssessable, assess
 from dcn_node.inference.transforms import (
-    from_network_grid,
-    to_network_grid,
+    GridGeometry,
+    probabilities_to_shape,
+    resize_images,
     window,
 )
 from dcn_node.inference.weights import (
@@ -43,6 +44,7 @@ from dcn_node.inference.weights import (
     load_checked_state,
     load_manifest,
 )
+from dcn_node.ops.memory import trim
 from dcn_node.volume import Volume
 
 __all__ = ["AnalysisResult", "Engine", "ModelIntegrityError", "run_lung_then_dcn"]
@@ -83,6 +85,19 @@ class AnalysisResult:
     @property
     def assessable(self) -> bool:
         return self.quality is None or self.quality.assessable
+
+    def segment_stack(self) -> np.ndarray | None:
+        """The one (slices, rows, columns, 2) bool array whose [..., 0] is ``lesion`` and
+        [..., 1] is ``lung``, when the engine made them so (None otherwise)."""
+        base = self.lesion.base
+        if (base is None or base is not self.lung.base or base.dtype != np.bool_
+                or base.shape != (*self.lesion.shape, 2)):
+            return None
+        start = base.__array_interface__["data"][0]
+        if (self.lesion.__array_interface__["data"][0] != start
+                or self.lung.__array_interface__["data"][0] != start + 1):
+            return None
+        return base
 
 
 def select_device(requested: str) -> torch.device:
@@ -136,6 +151,39 @@ class LungDcnOutput:
     dcn_seconds: float = 0.0
 
 
+#: A batch of windowed slices (n, S, S) on the network grid, by slice indices.
+SliceSource = Callable[[torch.Tensor], torch.Tensor]
+
+
+def lung_batches(
+    lung_model: UNet, images: SliceSource, slices: int, *, batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Section 2.2, batch by batch: (slice indices, lung probabilities (n, S, S) on the CPU)."""
+    for start in range(0, slices, batch_size):
+        index = torch.arange(start, min(start + batch_size, slices))
+        with context():
+            logits = lung_model(prepare(images(index)[:, None]))
+        yield index, torch.sigmoid(logits.float())[:, 0].cpu()
+
+
+def dcn_batches(
+    dcn: DCN, inputs: SliceSource, keep: torch.Tensor, *, batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+    """Section 2.3 on the lung-masked slices ``keep``, batch by batch: (slice indices, slice
+    probabilities, lesion probabilities (n, S, S), the four attention maps), on the CPU."""
+    for start in range(0, len(keep), batch_size):
+        index = keep[start:start + batch_size]
+        with context():
+            out = dcn(prepare(inputs(index)[:, None]))
+        yield (index, torch.sigmoid(out.classification.float()).cpu(),
+               torch.sigmoid(out.segmentation.float())[:, 0].cpu(),
+               [alpha.float()[:, 0].cpu() for alpha in out.attention])
+
+
 def run_lung(
     lung_model: UNet, image: torch.Tensor, *, batch_size: int,
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
@@ -144,10 +192,9 @@ def run_lung(
     """Section 2.2: lung probabilities (N, S, S) of windowed slices ``image`` (N, S, S)."""
     slices, size = image.shape[0], image.shape[-1]
     lung_prob = torch.empty((slices, size, size))
-    for start in range(0, slices, batch_size):
-        with context():
-            logits = lung_model(prepare(image[start:start + batch_size, None]))
-        lung_prob[start:start + len(logits)] = torch.sigmoid(logits.float())[:, 0].cpu()
+    for index, prob in lung_batches(lung_model, image.__getitem__, slices,
+                                    batch_size=batch_size, prepare=prepare, context=context):
+        lung_prob[index] = prob
     return lung_prob
 
 
@@ -163,14 +210,13 @@ def run_dcn(
     slice_prob = torch.zeros(slices)
     lesion_prob = torch.zeros((slices, size, size))
     attention = [torch.zeros((slices, side, side)) for side in dcn.attention_sizes(size)]
-    for start in range(0, len(keep), batch_size):
-        index = keep[start:start + batch_size]
-        with context():
-            out = dcn(prepare((image[index] * lung[index])[:, None]))
-        slice_prob[index] = torch.sigmoid(out.classification.float()).cpu()
-        lesion_prob[index] = torch.sigmoid(out.segmentation.float())[:, 0].cpu()
-        for k, alpha in enumerate(out.attention):
-            attention[k][index] = alpha.float()[:, 0].cpu()
+    batches = dcn_batches(dcn, lambda index: image[index] * lung[index], keep,
+                          batch_size=batch_size, prepare=prepare, context=context)
+    for index, probability, lesion, alphas in batches:
+        slice_prob[index] = probability
+        lesion_prob[index] = lesion
+        for k, alpha in enumerate(alphas):
+            attention[k][index] = alpha
     return keep, slice_prob, lesion_prob, attention
 
 
@@ -303,34 +349,92 @@ class Engine:
         The lung U-Net's mask is kept to what the image's anatomy allows
         (:func:`~dcn_node.inference.anatomy.constrain_lung`) before the DCN sees it, and
         lesions to that mask. ``timings`` of the result holds the seconds of each stage:
-        preprocessing (anatomy, window, resize), lung_segmentation, dcn, spm and
-        postprocessing (masks back to the volume's geometry).
+        preprocessing (the work grid, anatomy), lung_segmentation, dcn, spm and
+        postprocessing (lesion masks back to the volume's geometry).
+
+        Memory: the volume's HU are read slice batch by slice batch and never copied whole.
+        Whole-volume mask work (anatomy, the lung constraint) runs on the *work grid*, the
+        field of view at the network's resolution (:attr:`GridGeometry.work_shape`); only
+        the final lung and lesion masks are held at the volume's own size.
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        size = self.profile.input_size
+        hu = volume.hu
+        slices = hu.shape[0]
         spacing = float(volume.pixel_spacing[1])
         slice_spacing = volume.slice_spacing_mm
-        anatomy = classical_anatomy(volume.hu, spacing, slice_spacing)
-        quality = assess(anatomy, spacing, slice_spacing, self.quality_gate)
-        grid = to_network_grid(torch.from_numpy(window(volume.hu)), spacing, size)
+        geometry = GridGeometry.of((hu.shape[1], hu.shape[2]), spacing,
+                                   self.profile.input_size)
+        work = geometry.work_shape
+        work_spacing = spacing * hu.shape[2] / work[1]
+        hu_work = np.empty((slices, *work), np.int16)
+        for part in _batches(slices, self.batch_size):
+            scaled = resize_images(torch.from_numpy(np.asarray(hu[part], np.float32)), work)
+            hu_work[part] = scaled.round().clamp(-32768, 32767).to(torch.int16).numpy()
+        anatomy = classical_anatomy(hu_work, work_spacing, slice_spacing)
+        quality = assess(anatomy, work_spacing, slice_spacing, self.quality_gate)
         timings["preprocessing"] = time.perf_counter() - started
+        trim()
+
+        def network_images(index: torch.Tensor) -> torch.Tensor:
+            return geometry.to_grid(window(torch.from_numpy(hu[index.numpy()])))
 
         mark = time.perf_counter()
-        lung_prob = run_lung(self.lung_model, grid.images, batch_size=self.batch_size,
-                             prepare=self._prepare, context=self._context)
-        lung = from_network_grid(lung_prob, grid).numpy() >= self.threshold
-        lung = constrain_lung(lung, volume.hu, anatomy, spacing, slice_spacing)
+        lung_prob = np.empty((slices, *work), np.float16)
+        for index, prob in lung_batches(
+                self.lung_model, network_images, slices, batch_size=self.batch_size,
+                prepare=self._prepare, context=self._context):
+            lung_prob[index.numpy()] = geometry.from_grid(prob, work).numpy()
+        lung_work = constrain_lung(lung_prob >= self.threshold, hu_work, anatomy,
+                                   work_spacing, slice_spacing)
+        del hu_work, anatomy
+        trim()
         if quality.reason is NotAssessable.NO_LUNGS:  # whatever the U-Net saw is not lung
-            lung[:] = False
-        lung_net = to_network_grid(torch.from_numpy(lung), spacing, size, masks=True).images
+            lung_work[:] = False
+        # The U-Net's probabilities where the constraint agrees; 1 where it filled a hole
+        # and 0 where it took lung away, so the full-size mask keeps the U-Net's edges.
+        lung_prob[lung_work & (lung_prob < self.threshold)] = 1.0
+        lung_prob[~lung_work & (lung_prob >= self.threshold)] = 0.0
+        # Both masks in one (slices, rows, columns, 2) array, lesions then lungs: the SEG
+        # takes it as it is (no second copy of the masks; see segment_stack).
+        masks = np.zeros((*hu.shape, 2), bool)
+        lesion, lung = masks[..., 0], masks[..., 1]
+        for part in _batches(slices, self.batch_size):
+            lung[part] = _at_least(lung_prob[part], hu.shape[1:], self.threshold)
+        del lung_prob
+        trim()
         timings["lung_segmentation"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        keep, slice_prob, lesion_prob, attention = run_dcn(
-            self.dcn, grid.images, lung_net, batch_size=self.batch_size,
-            prepare=self._prepare, context=self._context)
-        timings["dcn"] = time.perf_counter() - mark
+        # The DCN's lung mask: the full-size mask brought to the network grid (the DCN's
+        # slice probability moves with a few pixels of its lung mask's edge).
+        lung_net = torch.empty((slices, self.profile.input_size, self.profile.input_size),
+                               dtype=torch.bool)
+        for part in _batches(slices, self.batch_size):
+            lung_net[part] = geometry.to_grid(torch.from_numpy(lung[part]), masks=True)
+        del lung_work
+        trim()
+        keep = torch.nonzero(lung_net.flatten(1).any(1)).flatten()
+        slice_prob = torch.zeros(slices)
+        lesion_prob = np.zeros((slices, *geometry.inner), np.float16)
+        attention = [np.zeros((slices, *geometry.crop_to_field_of_view(
+            torch.zeros(1, side, side)).shape[1:]), np.float32)
+            for side in self.dcn.attention_sizes(self.profile.input_size)]
+        upsampling = 0.0
+        for index, batch_probability, lesion_batch, alphas in dcn_batches(
+                self.dcn, lambda index: network_images(index) * lung_net[index], keep,
+                batch_size=self.batch_size, prepare=self._prepare, context=self._context):
+            rows = index.numpy()
+            slice_prob[index] = batch_probability
+            cropped = geometry.crop_to_field_of_view(lesion_batch)
+            lesion_prob[rows] = cropped.numpy()
+            for k, alpha in enumerate(alphas):
+                attention[k][rows] = geometry.crop_to_field_of_view(alpha).numpy()
+            mark_up = time.perf_counter()
+            lesion[rows] = _at_least(cropped, hu.shape[1:], self.threshold) & lung[rows]
+            upsampling += time.perf_counter() - mark_up
+        timings["dcn"] = time.perf_counter() - mark - upsampling
+        trim()
 
         mark = time.perf_counter()
         kept = slice_prob[keep] if len(keep) else torch.zeros(1)
@@ -338,16 +442,13 @@ class Engine:
         probability = float(calibrated(float(torch.sigmoid(logit.float()).item()),
                                        self.calibration))
         timings["spm"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        lesion = (from_network_grid(lesion_prob, grid).numpy() >= self.threshold) & lung
-        timings["postprocessing"] = time.perf_counter() - mark
+        timings["postprocessing"] = upsampling
         positive = quality.assessable and probability >= self.decision_threshold
         return AnalysisResult(
             lung=lung,
             lesion=lesion,
             slice_probabilities=slice_prob.numpy(),
-            attention=[grid.crop_to_field_of_view(a).numpy() for a in attention],
+            attention=attention,
             probability=probability,
             positive=positive,
             model_version=self.model_version,
@@ -355,6 +456,17 @@ class Engine:
             timings=timings,
             threshold=self.decision_threshold,
             quality=quality,
-            lesion_probability=grid.crop_to_field_of_view(lesion_prob).numpy().astype(
-                np.float16),
+            lesion_probability=lesion_prob,
         )
+
+
+def _batches(slices: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, slices, batch_size):
+        yield slice(start, min(start + batch_size, slices))
+
+
+def _at_least(maps: np.ndarray | torch.Tensor, shape: tuple[int, ...], threshold: float
+              ) -> np.ndarray:
+    """(n, h, w) probabilities resized (bilinear) to (n, *shape), thresholded."""
+    values = torch.as_tensor(maps).float()
+    return (probabilities_to_shape(values, (int(shape[0]), int(shape[1]))) >= threshold).numpy()

@@ -3,7 +3,8 @@ profile's input size and back, lung masking of the DCN input."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 import torch
@@ -13,6 +14,10 @@ WINDOW_LOW_HU = -900.0
 WINDOW_HIGH_HU = 100.0
 
 
+@overload
+def window(hu: torch.Tensor) -> torch.Tensor: ...
+@overload
+def window(hu: np.ndarray) -> np.ndarray: ...
 def window(hu: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """HU -> [0, 1] over the paper's -900..100 HU window (float32)."""
     scale = WINDOW_HIGH_HU - WINDOW_LOW_HU
@@ -58,17 +63,29 @@ MIN_FIELD_OF_VIEW_MM = 340.0
 
 
 @dataclass(frozen=True)
-class NetworkGrid:
-    """Slices on the network's (S, S) grid, and how to map results back.
+class GridGeometry:
+    """Where a volume's slices lie on the network's (S, S) grid.
 
-    ``images`` holds the slices resized to (n_rows, n_columns) pixels and padded, centred,
-    to (S, S); n = S unless the field of view is smaller than :data:`MIN_FIELD_OF_VIEW_MM`.
+    A slice is resized to ``inner`` = (n_rows, n_columns) pixels and padded, centred, to
+    (S, S); n = S unless the field of view is smaller than :data:`MIN_FIELD_OF_VIEW_MM`.
     """
 
-    images: torch.Tensor
     shape: tuple[int, int]  # the volume's (rows, columns)
     inner: tuple[int, int]  # (n_rows, n_columns)
     size: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, int], pixel_spacing_mm: float | None, size: int
+           ) -> GridGeometry:
+        """The geometry of slices of ``shape``; without a pixel spacing, a plain resize."""
+        return cls(shape, _inner_shape(shape, pixel_spacing_mm, size), size)
+
+    @property
+    def work_shape(self) -> tuple[int, int]:
+        """The field of view at the network's resolution, never above the volume's own:
+        where whole-volume mask work is done (a quarter of the voxels of a 512 x 512
+        series)."""
+        return (min(self.shape[0], self.inner[0]), min(self.shape[1], self.inner[1]))
 
     def _window(self, side: int) -> tuple[slice, slice]:
         scale = side / self.size
@@ -80,6 +97,30 @@ class NetworkGrid:
         """(N, h, h) network-grid maps (any h) cropped to the part covering the volume."""
         rows, columns = self._window(maps.shape[-1])
         return maps[:, rows, columns].contiguous()
+
+    def to_grid(self, slices: torch.Tensor, *, masks: bool = False) -> torch.Tensor:
+        """(N, h, w) slices covering the field of view (any h, w: the volume's own pixels
+        or the work grid's), or boolean masks, onto the (N, S, S) network grid."""
+        scaled = resize_masks(slices, self.inner) if masks else resize_images(slices, self.inner)
+        if self.inner == (self.size, self.size):
+            return scaled
+        images = torch.zeros((slices.shape[0], self.size, self.size), dtype=scaled.dtype)
+        rows, columns = self._window(self.size)
+        images[:, rows, columns] = scaled
+        return images
+
+    def from_grid(self, maps: torch.Tensor, shape: tuple[int, int] | None = None
+                  ) -> torch.Tensor:
+        """(N, S, S) network outputs back to (N, *shape) (default: the volume's), bilinear
+        when enlarging, area-averaged when shrinking."""
+        return resize_images(self.crop_to_field_of_view(maps), shape or self.shape)
+
+
+@dataclass(frozen=True)
+class NetworkGrid(GridGeometry):
+    """Slices on the network's (S, S) grid (``images``), and how to map results back."""
+
+    images: torch.Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
 
 
 def _inner_shape(shape: tuple[int, int], pixel_spacing_mm: float | None, size: int
@@ -95,19 +136,13 @@ def to_network_grid(slices: torch.Tensor, pixel_spacing_mm: float | None, size: 
                     masks: bool = False) -> NetworkGrid:
     """(N, rows, columns) windowed slices (or boolean masks) onto the network grid; without
     a pixel spacing, a plain resize to (size, size)."""
-    shape = (int(slices.shape[-2]), int(slices.shape[-1]))
-    inner = _inner_shape(shape, pixel_spacing_mm, size)
-    scaled = resize_masks(slices, inner) if masks else resize_images(slices, inner)
-    if inner == (size, size):
-        return NetworkGrid(scaled, shape, inner, size)
-    images = torch.zeros((slices.shape[0], size, size), dtype=scaled.dtype)
-    grid = NetworkGrid(images, shape, inner, size)
-    rows, columns = grid._window(size)
-    images[:, rows, columns] = scaled
-    return grid
+    geometry = GridGeometry.of((int(slices.shape[-2]), int(slices.shape[-1])),
+                               pixel_spacing_mm, size)
+    return NetworkGrid(geometry.shape, geometry.inner, size,
+                       geometry.to_grid(slices, masks=masks))
 
 
-def from_network_grid(probabilities: torch.Tensor, grid: NetworkGrid) -> torch.Tensor:
+def from_network_grid(probabilities: torch.Tensor, grid: GridGeometry) -> torch.Tensor:
     """(N, S, S) network outputs back to the volume's (N, rows, columns), bilinear."""
     rows, columns = grid._window(probabilities.shape[-1])
     return probabilities_to_shape(probabilities[:, rows, columns].contiguous(), grid.shape)

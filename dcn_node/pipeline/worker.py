@@ -188,7 +188,10 @@ def _release_memory() -> None:
     import gc
     import sys
 
+    from dcn_node.ops.memory import trim
+
     gc.collect()
+    trim()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()

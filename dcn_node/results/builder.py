@@ -19,6 +19,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from dcn_node.config import ResultsSettings
+from dcn_node.ops.memory import trim
 from dcn_node.results.ko import build_key_images
 from dcn_node.results.sc import build_overlays, key_slices
 from dcn_node.results.seg import build_segmentation
@@ -97,6 +98,7 @@ def build_results(volume: Volume, result: AnalysisResult, settings: ResultsSetti
     seg = build_segmentation(volume, result, settings) if settings.seg.enabled else None
     if seg is not None:
         results.seg.append(seg)
+    trim()  # highdicom's frame by frame encoding leaves the heap fragmented
     # The key slices, chosen once for the overlays and the KOS; head first, as slices are
     # usually read (slice 0 is the lowest along the normal).
     shown = sorted(key_slices(result, settings.sc, volume.slice_offsets), reverse=True) \
@@ -105,6 +107,7 @@ def build_results(volume: Volume, result: AnalysisResult, settings: ResultsSetti
         results.sc.extend(build_overlays(volume, result, settings, shown))
     if settings.sr.enabled:
         results.sr.append(build_report(volume, result, settings, seg))
+        trim()
     if settings.ko.enabled:  # after the SCs, which it names among the key images
         results.ko.append(build_key_images(volume, result, settings, shown, results.sc))
     LOGGER.info("Series %s: %d SEG, %d SC, %d SR, %d KOS built", volume.series_instance_uid,

@@ -22,6 +22,7 @@ import contourpy
 import numpy as np
 from scipy import ndimage
 
+from dcn_node.inference.anatomy import label_3d
 from dcn_node.results import common
 from dcn_node.volume import Volume
 
@@ -62,26 +63,39 @@ def lesion_regions(volume: Volume, lesion: np.ndarray, lung: np.ndarray, count: 
     """The ``count`` largest 3D connected lesions (26-connectivity), largest first."""
     if count <= 0 or not lesion.any():
         return []
-    labels, _ = ndimage.label(lesion, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(labels.ravel())[1:]
+    # Labelled inside the lesions' bounding box, 16-bit where that suffices: the labels
+    # are the largest array made here (a whole-volume int32 copy would be 4 bytes a voxel).
+    corner = [int(np.flatnonzero(lesion.any(axis=others))[0])
+              for others in ((1, 2), (0, 2), (0, 1))]
+    end = [int(np.flatnonzero(lesion.any(axis=others))[-1]) + 1
+           for others in ((1, 2), (0, 2), (0, 1))]
+    box = tuple(slice(a, b) for a, b in zip(corner, end, strict=True))
+    labels, count = label_3d(lesion[box], np.ones((3, 3, 3), bool))
+    sizes = np.zeros(count + 1, np.int64)
+    for start in range(0, len(labels), 16):  # bincount counts in 64-bit: a few slices at a time
+        sizes += np.bincount(labels[start:start + 16].ravel(), minlength=count + 1)
+    sizes = sizes[1:]
     boxes = ndimage.find_objects(labels)
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
     # Columns run towards the patient's left when the row direction is L (Image
     # Orientation, also from an Enhanced CT's shared functional groups).
     columns_go_left = common.patient_orientation(volume)[0].startswith("L")
+    top, left = corner[1], corner[2]
     regions = []
     for label in np.argsort(-sizes, kind="stable")[:count] + 1:
-        box = boxes[label - 1]
-        areas = (labels[box] == label).sum(axis=(1, 2))  # within its bounding box only
-        index = box[0].start + int(np.argmax(areas))
+        own = boxes[label - 1]
+        areas = (labels[own] == label).sum(axis=(1, 2))  # within its bounding box only
+        index = own[0].start + int(np.argmax(areas))
         section = labels[index] == label
-        centre = np.nonzero(section)[1].mean()
-        lung_columns = np.flatnonzero(lung[index].any(axis=0))
+        centre = np.nonzero(section)[1].mean() + left
+        lung_columns = np.flatnonzero(lung[corner[0] + index].any(axis=0))
         midline = (lung_columns[0] + lung_columns[-1]) / 2 if lung_columns.size else centre
+        hu = volume.hu[corner[0] + index, box[1], box[2]]
         regions.append(LesionRegion(
-            slice_index=index, outline=outline(section), voxels=int(sizes[label - 1]),
-            area_mm2=float(areas.max()) * pixel_mm2,
-            mean_hu=float(volume.hu[index][section].mean()),
+            slice_index=corner[0] + index,
+            outline=outline(section) + np.array([left, top], np.float32),
+            voxels=int(sizes[label - 1]), area_mm2=float(areas.max()) * pixel_mm2,
+            mean_hu=float(hu[section].mean()),
             side="left" if (centre >= midline) == columns_go_left else "right"))
     return regions
 

@@ -62,20 +62,19 @@ def attention_map(result: AnalysisResult, module: int) -> np.ndarray | None:
     """The (slices, h, w) attention map of LA module ``module`` (1-based), or None."""
     if not 1 <= module <= len(result.attention):
         return None
-    return np.asarray(result.attention[module - 1], dtype=np.float32)
+    return result.attention[module - 1]
 
 
-def heat_map(result: AnalysisResult, settings: ScResultSettings, index: int | None = None
-             ) -> np.ndarray | None:
-    """The configured heat map (slices, h, w), zero outside the lungs, or None; with
-    ``index``, of that slice only (1, h, w).
+def heat_map(result: AnalysisResult, settings: ScResultSettings,
+             index: int | slice | None = None) -> np.ndarray | None:
+    """The configured heat map (slices, h, w) float32, zero outside the lungs, or None;
+    with ``index``, of that slice only (1, h, w), or of those slices.
 
     The lung mask is brought to the map's resolution (a map pixel counts as lung when any
     of its area is), so nothing outside the lungs is ever tinted.
     """
     if settings.heatmap == "lesion_probability":
-        values = None if result.lesion_probability is None \
-            else np.asarray(result.lesion_probability, dtype=np.float32)
+        values = result.lesion_probability
     else:
         values = attention_map(result, settings.attention_module)
     if values is None:
@@ -83,14 +82,33 @@ def heat_map(result: AnalysisResult, settings: ScResultSettings, index: int | No
     import torch
     import torch.nn.functional as F
 
-    lung_mask = result.lung
-    if index is not None:
-        values, lung_mask = values[index:index + 1], lung_mask[index:index + 1]
-    lung = torch.from_numpy(lung_mask)[:, None].float()
-    inside = F.adaptive_max_pool2d(lung, values.shape[1:])[:, 0].numpy() > 0 \
-        if values.shape[1] <= lung.shape[2] else \
-        F.interpolate(lung, size=values.shape[1:], mode="nearest")[:, 0].numpy() > 0
-    return values * inside
+    rows = slice(index, index + 1) if isinstance(index, int) else index or slice(None)
+    values, lung_mask = values[rows], result.lung[rows]
+    shown = np.empty(values.shape, np.float32)
+    for start in range(0, len(values), 16):  # a float copy of the lung mask, 16 slices at a time
+        lung = torch.from_numpy(lung_mask[start:start + 16])[:, None].float()
+        inside = F.adaptive_max_pool2d(lung, values.shape[1:])[:, 0].numpy() > 0 \
+            if values.shape[1] <= lung.shape[2] else \
+            F.interpolate(lung, size=values.shape[1:], mode="nearest")[:, 0].numpy() > 0
+        shown[start:start + 16] = values[start:start + 16] * inside
+    return shown
+
+
+def _strongest_heat_slice(result: AnalysisResult, settings: ScResultSettings) -> int | None:
+    """The slice with the strongest heat-map peak (the larger total breaks ties), None when
+    the map is empty; the map is made 32 slices at a time, never whole."""
+    slices = result.lung.shape[0]
+    peaks, totals = np.zeros(slices), np.zeros(slices)
+    for start in range(0, slices, 32):
+        part = heat_map(result, settings, slice(start, start + 32))
+        if part is None:
+            return None
+        flat = part.reshape(len(part), -1)
+        peaks[start:start + len(part)] = flat.max(axis=1, initial=0.0)
+        totals[start:start + len(part)] = flat.sum(axis=1)
+    if not peaks.max(initial=0.0) > 0:
+        return None
+    return int(np.lexsort((totals, peaks))[-1])
 
 
 def heat_legend(settings: ScResultSettings) -> str:
@@ -112,9 +130,9 @@ def key_slices(result: AnalysisResult, settings: ScResultSettings,
     offsets = np.arange(slices, dtype=float) if slice_offsets is None \
         else np.asarray(slice_offsets, dtype=float)
     areas = result.lesion.reshape(slices, -1).sum(axis=1)
-    attention = heat_map(result, settings)
-    want_attention = settings.strongest_attention_slice and attention is not None \
-        and float(attention.max(initial=0.0)) > 0
+    strongest = _strongest_heat_slice(result, settings) \
+        if settings.strongest_attention_slice else None
+    want_attention = strongest is not None
     lesion_budget = min(settings.largest_lesion_slices,
                         settings.max_images - (1 if want_attention else 0))
     chosen: list[int] = []
@@ -123,12 +141,8 @@ def key_slices(result: AnalysisResult, settings: ScResultSettings,
             break
         if all(abs(offsets[k] - offsets[j]) >= settings.min_slice_distance_mm for j in chosen):
             chosen.append(int(k))
-    if want_attention and attention is not None:
-        flat = attention.reshape(slices, -1)
-        # Strongest peak; the larger total breaks ties.
-        strongest = int(np.lexsort((flat.sum(axis=1), flat.max(axis=1)))[-1])
-        if strongest not in chosen:
-            chosen.append(strongest)
+    if strongest is not None and strongest not in chosen:
+        chosen.append(strongest)
     if not chosen:
         chosen = [int(np.argmax(result.lung.reshape(slices, -1).sum(axis=1)))]
     return chosen[:settings.max_images]

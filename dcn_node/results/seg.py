@@ -4,10 +4,12 @@ Every source CT instance is referenced and every slice has a frame for every seg
 (``omit_empty_frames=False``: empty-frame omission is linked to misplaced overlays in some
 viewers, and an empty lesion result is then still a complete, valid object).
 
-Memory: the two masks are stacked once into a (slices, rows, columns, segments) bool array
-in source order; highdicom then packs one frame at a time. highdicom's own overlap check
-sums that array into a 64-bit integer volume (8 bytes per voxel, ~2 GB for 1,000 slices of
-512 x 512), so :class:`_LowMemorySegmentation` does the same check slice by slice.
+Memory: highdicom takes the two masks as one (slices, rows, columns, segments) bool array
+in source order: the engine's own (lesion and lung masks are views of one such array), or
+a stacked copy where the order differs; highdicom then packs one frame at a time.
+highdicom's own overlap check sums that array into a 64-bit integer volume (8 bytes per
+voxel, ~2 GB for 1,000 slices of 512 x 512), so :class:`_LowMemorySegmentation` does the
+same check slice by slice.
 """
 
 from __future__ import annotations
@@ -94,10 +96,12 @@ def segment_descriptions(settings: ResultsSettings, model_version: str, volume: 
     return described
 
 
-def _stack_in_source_order(volume: Volume, masks: list[np.ndarray]
-                           ) -> tuple[np.ndarray, list]:
+def _stack_in_source_order(volume: Volume, masks: list[np.ndarray],
+                           combined: np.ndarray | None = None) -> tuple[np.ndarray, list]:
     """The masks as one (frames, rows, columns, segments) bool array in the order highdicom
-    pairs with the source images, and those source images."""
+    pairs with the source images, and those source images. ``combined``: the masks already
+    stacked in volume order (:meth:`AnalysisResult.segment_stack`), used as it is when the
+    source order is the volume's."""
     slices, rows, columns = masks[0].shape
     sources = common.unique_sources(volume)
     if len(sources) == slices:
@@ -110,6 +114,8 @@ def _stack_in_source_order(volume: Volume, masks: list[np.ndarray]
     else:
         raise ResultEncodingError(
             f"{len(sources)} multi-frame instances in one series are not supported")
+    if combined is not None and np.array_equal(order, np.arange(slices)):
+        return combined[..., :len(masks)], sources  # the engine's own array, not copied
     stacked = np.empty((slices, rows, columns, len(masks)), dtype=bool)
     for position, index in enumerate(order):
         for segment, mask in enumerate(masks):
@@ -135,7 +141,7 @@ def build_segmentation(volume: Volume, result: AnalysisResult, settings: Results
     masks = [result.lesion.astype(bool, copy=False)]
     if settings.seg.include_lung:
         masks.append(result.lung.astype(bool, copy=False))
-    stacked, sources = _stack_in_source_order(volume, masks)
+    stacked, sources = _stack_in_source_order(volume, masks, result.segment_stack())
     header = common.source_header(volume)
     sources = [header, *sources[1:]] if len(sources) > 1 else [header]
     seg = _LowMemorySegmentation(
