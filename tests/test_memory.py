@@ -78,3 +78,42 @@ def test_segment_stack_is_none_for_separate_masks() -> None:
                             attention=[], probability=0.1, positive=False,
                             model_version="test-model", seconds=0.0)
     assert result.segment_stack() is None
+
+
+def test_low_memory_overlap_check_agrees_with_highdicom() -> None:
+    import highdicom as hd
+    from highdicom.seg import SegmentationTypeValues
+
+    from dcn_node.results.seg import _LowMemorySegmentation
+
+    numbers = np.array([1, 2])
+    apart = np.zeros((3, 8, 8, 2), bool)
+    apart[0, :2, :, 0] = True
+    apart[1, 4:, :, 1] = True
+    overlapping = apart.copy()
+    overlapping[2, 3, 3, :] = True
+    for masks in (apart, overlapping, np.zeros((3, 8, 8, 2), bool)):
+        ours = _LowMemorySegmentation._check_and_cast_pixel_array(
+            masks, numbers, SegmentationTypeValues.BINARY, np.uint8)
+        stock = hd.seg.Segmentation._check_and_cast_pixel_array(
+            masks, numbers, SegmentationTypeValues.BINARY, np.uint8)
+        assert ours[1] == stock[1]
+        np.testing.assert_array_equal(ours[0], stock[0])
+
+
+def test_another_highdicom_release_falls_back_to_its_own_class(monkeypatch, caplog) -> None:
+    import highdicom as hd
+
+    from dcn_node.results import seg
+
+    seg._segmentation_class.cache_clear()
+    monkeypatch.setattr(hd, "__version__", "9.9.9")
+    try:
+        with caplog.at_level("WARNING", logger="dcn_node.results.seg"):
+            assert seg._segmentation_class() is hd.seg.Segmentation
+            assert seg._segmentation_class() is hd.seg.Segmentation
+        assert len([r for r in caplog.records if "9.9.9" in r.getMessage()]) == 1
+    finally:
+        seg._segmentation_class.cache_clear()
+    monkeypatch.undo()
+    assert seg._segmentation_class() is seg._LowMemorySegmentation

@@ -14,6 +14,7 @@ same check slice by slice.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,13 @@ class ResultEncodingError(DcnNodeError):
     """The analysis cannot be encoded as DICOM objects (inconsistent inputs)."""
 
 
+#: The highdicom release :class:`_LowMemorySegmentation` was written against (pinned in
+#: constraints.txt): it overrides a private classmethod, so on any other release the stock
+#: Segmentation is used, with one WARNING (correct, but its overlap check needs 8 bytes a
+#: voxel of memory).
+HIGHDICOM_VERSION = "0.28.2"
+
+
 class _LowMemorySegmentation(hd.seg.Segmentation):
     """highdicom's Segmentation with a slice-by-slice overlap check for stacked bool masks."""
 
@@ -61,6 +69,16 @@ class _LowMemorySegmentation(hd.seg.Segmentation):
                                  else SegmentsOverlapValues.NO)
         return super()._check_and_cast_pixel_array(pixel_array, segment_numbers,
                                                    segmentation_type, dtype)
+
+
+@functools.cache
+def _segmentation_class() -> type[hd.seg.Segmentation]:
+    if hd.__version__ == HIGHDICOM_VERSION:
+        return _LowMemorySegmentation
+    LOGGER.warning("highdicom %s is not %s (constraints.txt): SEGs are built by highdicom's "
+                   "own Segmentation, whose overlap check needs 8 bytes a voxel of memory",
+                   hd.__version__, HIGHDICOM_VERSION)
+    return hd.seg.Segmentation
 
 
 def segment_descriptions(settings: ResultsSettings, model_version: str, volume: Volume
@@ -144,7 +162,7 @@ def build_segmentation(volume: Volume, result: AnalysisResult, settings: Results
     stacked, sources = _stack_in_source_order(volume, masks, result.segment_stack())
     header = common.source_header(volume)
     sources = [header, *sources[1:]] if len(sources) > 1 else [header]
-    seg = _LowMemorySegmentation(
+    seg = _segmentation_class()(
         source_images=sources,
         pixel_array=stacked,
         segmentation_type=SegmentationTypeValues.BINARY,
