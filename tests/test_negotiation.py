@@ -132,3 +132,50 @@ def test_storescus_wide_proposal_names_the_refused_sop_class_once(
     refused = value(node, "dcn_contexts_refused_total", reason="sop_class")
     assert refused > 2 * 40  # every refusal counted, logged or not
     assert value(node, "dcn_associations_accepted_total") == 2
+
+
+#: A dcmtk association profile file: CT proposed with one transfer syntax only, which the
+#: node does not take (storescu's own options always add the uncompressed syntaxes).
+ONLY_ONE_SYNTAX = """
+[[TransferSyntaxes]]
+[BigEndian]
+TransferSyntax1 = BigEndianExplicit
+[JPEG2000Lossy]
+TransferSyntax1 = JPEG2000
+[[PresentationContexts]]
+[CTBigEndian]
+PresentationContext1 = CTImageStorage\\BigEndian
+[CTJPEG2000Lossy]
+PresentationContext1 = CTImageStorage\\JPEG2000Lossy
+[[Profiles]]
+[BigEndianOnly]
+PresentationContexts = CTBigEndian
+[JPEG2000LossyOnly]
+PresentationContexts = CTJPEG2000Lossy
+"""
+
+
+@pytest.mark.parametrize(("profile", "syntax"), [
+    ("BigEndianOnly", "1.2.840.10008.1.2.2"),
+    ("JPEG2000LossyOnly", "1.2.840.10008.1.2.4.91"),
+])
+def test_a_ct_proposed_only_in_a_refused_syntax_is_logged_counted_and_rejected(
+    start_node, tmp_path: Path, caplog: pytest.LogCaptureFixture, profile: str, syntax: str
+) -> None:
+    node = start_node()
+    caplog.set_level(logging.DEBUG)
+    config = tmp_path / "storescu.cfg"
+    config.write_text(ONLY_ONE_SYNTAX)
+    paths = write_files(ct_series(1), tmp_path / "ct")
+    done = storescu(node.receiver.port, paths, "-xf", str(config), profile)
+    assert done.returncode != 0
+    assert "Association Rejected" in done.stdout + done.stderr, done.stdout + done.stderr
+    warnings, errors = warnings_and_errors(caplog)
+    refused = [w for w in warnings if w.startswith("Refusing presentation context")]
+    assert len(refused) == 1 and "MODALITY1@127.0.0.1" in refused[0] \
+        and CTImageStorage in refused[0] and f"transfer syntaxes {syntax}" in refused[0], \
+        warnings
+    assert not errors, errors
+    assert value(node, "dcn_contexts_refused_total", reason="transfer_syntax") == 1
+    assert value(node, "dcn_associations_refused_total", reason="no_context") == 1
+    assert node.spool.list_series() == []
