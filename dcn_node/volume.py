@@ -8,6 +8,11 @@ padding outside the reconstruction circle (PixelPaddingValue) becomes air (-1024
 The volume is held once, as int16 HU (2 bytes a voxel: a 1,000-slice 512 x 512 series is
 0.5 GB): CT values are integers from -1024 (-3024 with padding) to a few thousand, and a
 fractional rescale loses less than half a HU to rounding.
+
+Why not highdicom's ``get_volume_from_series`` (0.28): it refuses a series whose slices are
+not regularly spaced (one missing or doubled slice, which a PACS does send, is analysed
+here with the median spacing and a quality-gate check), and it decodes the whole series
+into one float array before any cast (8 bytes a voxel by default).
 """
 
 from __future__ import annotations
