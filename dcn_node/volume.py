@@ -11,7 +11,7 @@ fractional rescale loses less than half a HU to rounding.
 
 Why not highdicom's ``get_volume_from_series`` (0.28): it refuses a series whose slices are
 not regularly spaced (one missing or doubled slice, which a PACS does send, is analysed
-here with the median spacing and a quality-gate check), and it decodes the whole series
+here with the median spacing), and it decodes the whole series
 into one float array before any cast (8 bytes a voxel by default).
 """
 
