@@ -242,6 +242,20 @@ def test_model_info_once_loaded(start_node, untrained_models: Path) -> None:
     assert get(node, "/readyz")[0] == 200
 
 
+def queue_one_object(node: Node, tmp_path: Path, destination: str) -> None:
+    """Record one result object for ``destination`` and wait until it was retried twice."""
+    ds = ct_series(1)[0]
+    path = tmp_path / "object.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    job = Job(1, ds.StudyInstanceUID, ds.SeriesInstanceUID, 0, "processing", None)
+    node.outbox.record_result_set(job, tmp_path, [
+        ResultObject("sr", str(ds.SOPClassUID), str(ds.SOPInstanceUID), path)],
+        {destination: ("sr",)})
+    node._wake_senders()
+    wait_for(lambda: value(node, "dcn_result_deliveries_total", destination=destination,
+                           kind="sr", outcome="retry") >= 2, timeout=30)
+
+
 def test_stuck_outbox_makes_the_node_not_ready(start_node, tmp_path: Path) -> None:
     """A destination nobody listens on: deliveries are retried, the oldest grows older
     than metrics.outbox_stuck_seconds and readiness says so."""
@@ -252,16 +266,7 @@ def test_stuck_outbox_makes_the_node_not_ready(start_node, tmp_path: Path) -> No
                 "connect_timeout_seconds": 1},
         metrics={"outbox_stuck_seconds": 1.0},
     )
-    ds = ct_series(1)[0]
-    path = tmp_path / "object.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    job = Job(1, ds.StudyInstanceUID, ds.SeriesInstanceUID, 0, "processing", None)
-    node.outbox.record_result_set(job, tmp_path, [
-        ResultObject("sr", str(ds.SOPClassUID), str(ds.SOPInstanceUID), path)],
-        {"gone": ("sr",)})
-    node._wake_senders()
-    wait_for(lambda: value(node, "dcn_result_deliveries_total", destination="gone",
-                           kind="sr", outcome="retry") >= 2, timeout=30)
+    queue_one_object(node, tmp_path, "gone")
     time.sleep(1.1)
     status, body = get(node, "/readyz")
     assert status == 503
@@ -288,16 +293,7 @@ def test_a_destination_that_rejects_is_retried_with_its_reason(start_node, tmp_p
                            "port": port}],
             sender={"retry_initial_seconds": 0.2, "retry_max_interval_seconds": 0.5},
         )
-        ds = ct_slice(generate_uid(), generate_uid(), 0)
-        path = tmp_path / "object.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        job = Job(1, ds.StudyInstanceUID, ds.SeriesInstanceUID, 0, "processing", None)
-        node.outbox.record_result_set(job, tmp_path, [
-            ResultObject("sr", str(ds.SOPClassUID), str(ds.SOPInstanceUID), path)],
-            {"picky": ("sr",)})
-        node._wake_senders()
-        wait_for(lambda: value(node, "dcn_result_deliveries_total", destination="picky",
-                               kind="sr", outcome="retry") >= 2, timeout=30)
+        queue_one_object(node, tmp_path, "picky")
         [delivery] = node.outbox.deliveries()
         assert delivery.state == "pending"
         assert "association rejected by WRONG@127.0.0.1" in (delivery.last_error or "")
