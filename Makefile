@@ -7,7 +7,8 @@ CONFIG ?= dcn_node/dcn-node.yaml
 # CPU build of torch; see README "GPU install" for CUDA machines.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages the test suite talks to as real peers.
-TEST_DEBS := dcmtk dicom3tools orthanc orthanc-gdcm orthanc-dicomweb prometheus chromium nodejs npm
+TEST_DEBS := dcmtk dicom3tools orthanc orthanc-gdcm orthanc-dicomweb prometheus chromium nodejs npm \
+             postgresql
 # The radiologist's viewer in tests: OHIF's prebuilt app and the browser driver, pinned
 # (also in tests/ohif.py), into a cache folder outside the checkout.
 OHIF_VERSION      ?= 3.13.2
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,cluster]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -45,6 +46,7 @@ system-deps:
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

@@ -72,6 +72,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     node = settings.node
     print(f"  listens as {node.ae_title} on {node.host}:{node.port}")
     print(f"  spool {settings.storage.spool_dir.resolve()} (fsync {settings.storage.fsync})")
+    print(f"  index {'in PostgreSQL (store.url)' if settings.store.url else 'index.sqlite3'}")
     for dest in settings.destinations:
         print(f"  sends to {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}")
     for warning in security_warnings(settings, args.config or DEFAULT_CONFIG_PATH):
@@ -96,10 +97,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     spool_dir = settings.storage.spool_dir
     series, outbox, timelines, dead = [], {}, {}, []
     quarantined, quarantine_bytes = quarantine_usage(spool_dir)
-    if not (spool_dir / "index.sqlite3").exists():
+    if settings.store.url is None and not (spool_dir / "index.sqlite3").exists():
         print(f"no spool at {spool_dir.resolve()} yet", file=sys.stderr)
     else:
-        spool = Spool(spool_dir)
+        spool = Spool(spool_dir, url=settings.store.url)
         box = Outbox(spool)
         series = spool.list_series()
         outbox = box.counts()

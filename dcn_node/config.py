@@ -116,6 +116,23 @@ class StorageSettings(_Frozen):
     quarantine_max_bytes: Annotated[int, Field(ge=0)] = 1 << 30
 
 
+class StoreSettings(_Frozen):
+    """Where the index (series, jobs, outbox, dead letters) is kept."""
+
+    #: None: ``index.sqlite3`` in ``storage.spool_dir`` (one node). A PostgreSQL URL
+    #: (``postgresql://user@host:5432/dcn`` or libpq's ``?host=/socket/dir``): the same
+    #: tables in that database, shared by the nodes of a cluster (needs the ``cluster``
+    #: extra, psycopg). Received files and results stay in the spool folder either way.
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or unset for SQLite in the spool)")
+        return value
+
+
 class CompletionSettings(_Frozen):
     """When a series counts as complete, and what a valid series looks like."""
 
@@ -356,6 +373,7 @@ class Settings(_Frozen):
 
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
+    store: StoreSettings = StoreSettings()
     completion: CompletionSettings = CompletionSettings()
     selection: SelectionSettings = SelectionSettings()
     destinations: tuple[Destination, ...] = ()

@@ -81,7 +81,8 @@ class Node:
                  engine_factory: Callable[[], Engine] | None = None) -> None:
         self.settings = settings
         self._engine_factory = engine_factory
-        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync,
+                           url=settings.store.url)
         self.outbox = Outbox(self.spool)
         self.metrics = NodeMetrics({d.name: d.kinds for d in settings.destinations},
                                    min_free_bytes=settings.storage.min_free_bytes,

@@ -1,5 +1,6 @@
 """The spool index's schema versions: an index written by any earlier dcn-node opens, is
 migrated to the current version in place, and keeps what it held; a newer one is refused.
+PostgreSQL (store.url) runs the same migrations from an empty database (tests/postgres.py).
 
 Each earlier schema below is verbatim from the commit named (``git show COMMIT:PATH``).
 """
@@ -14,6 +15,9 @@ import pytest
 from dcn_node.store import schema
 from dcn_node.store.outbox import Outbox
 from dcn_node.store.spool import Spool
+from tests.postgres import PostgresServer, postgres_server, store_url
+
+__all__ = ["postgres_server", "store_url"]  # fixtures used by name
 
 #: d2ac3fb dcn_node/spool.py: the first index (no frame counts, no timeline, no outbox).
 SCHEMA_D2AC3FB = """
@@ -197,15 +201,24 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, destination, nex
 CREATE INDEX IF NOT EXISTS deliveries_by_set ON deliveries (result_set_id);
 """
 
-EARLIER = {"d2ac3fb": SCHEMA_D2AC3FB, "693650a": SCHEMA_693650A, "d8b4bc9": SCHEMA_D8B4BC9}
+#: 2b39b15 dcn_node/schema.py _V1: schema version 1, the tables of d8b4bc9 with their
+#: version recorded (PRAGMA user_version = 1).
+SCHEMA_2B39B15 = SCHEMA_D8B4BC9
+
+EARLIER = {"d2ac3fb": SCHEMA_D2AC3FB, "693650a": SCHEMA_693650A, "d8b4bc9": SCHEMA_D8B4BC9,
+           "2b39b15": SCHEMA_2B39B15}
+#: The version each earlier index recorded (none: 0).
+RECORDED = {"2b39b15": 1}
+TABLES = ("instances", "series", "jobs", "timeline", "result_sets", "deliveries")
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 
 
-def earlier_index(spool_dir: Path, script: str) -> None:
+def earlier_index(spool_dir: Path, script: str, version: int = 0) -> None:
     """An index as that version left it: one instance of one finished series."""
     spool_dir.mkdir(parents=True)
     db = sqlite3.connect(spool_dir / "index.sqlite3")
     db.executescript(script)
+    db.execute(f"PRAGMA user_version = {version}")
     columns = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
     row = {"sop_instance_uid": SOP, "study_instance_uid": STUDY,
            "series_instance_uid": SERIES, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
@@ -224,14 +237,14 @@ def earlier_index(spool_dir: Path, script: str) -> None:
 @pytest.mark.parametrize("commit", sorted(EARLIER))
 def test_every_earlier_index_is_migrated_and_keeps_its_records(tmp_path: Path,
                                                                 commit: str) -> None:
-    earlier_index(tmp_path / "spool", EARLIER[commit])
+    earlier_index(tmp_path / "spool", EARLIER[commit], RECORDED.get(commit, 0))
     spool = Spool(tmp_path / "spool")
     try:
         db = sqlite3.connect(tmp_path / "spool" / "index.sqlite3")
         assert schema.version_of(db) == schema.SCHEMA_VERSION
         current = sqlite3.connect(":memory:")
         schema.migrate(current)
-        for table in ("instances", "series", "jobs", "timeline", "result_sets", "deliveries"):
+        for table in TABLES:
             have = [row[1:3] for row in db.execute(f"PRAGMA table_info({table})")]
             want = [row[1:3] for row in current.execute(f"PRAGMA table_info({table})")]
             assert sorted(have) == sorted(want), table
@@ -249,19 +262,68 @@ def test_every_earlier_index_is_migrated_and_keeps_its_records(tmp_path: Path,
     again.close()
 
 
-def test_a_new_index_gets_the_current_version(tmp_path: Path) -> None:
-    Spool(tmp_path / "spool").close()
-    db = sqlite3.connect(tmp_path / "spool" / "index.sqlite3")
-    assert schema.version_of(db) == schema.SCHEMA_VERSION
+def stored_version(spool_dir: Path, url: str | None) -> int:
+    if url is None:
+        return schema.version_of(sqlite3.connect(spool_dir / "index.sqlite3"))
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return schema.version_of_postgres(conn)
 
 
-def test_an_index_from_a_newer_node_is_refused_untouched(tmp_path: Path) -> None:
-    Spool(tmp_path / "spool").close()
-    path = tmp_path / "spool" / "index.sqlite3"
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
-    db.commit()
-    db.close()
+def test_a_new_index_gets_the_current_version(tmp_path: Path, store_url: str | None) -> None:
+    Spool(tmp_path / "spool", url=store_url).close()
+    assert stored_version(tmp_path / "spool", store_url) == schema.SCHEMA_VERSION
+
+
+def test_an_index_from_a_newer_node_is_refused_untouched(tmp_path: Path,
+                                                         store_url: str | None) -> None:
+    Spool(tmp_path / "spool", url=store_url).close()
+    newer = schema.SCHEMA_VERSION + 1
+    if store_url is None:
+        db = sqlite3.connect(tmp_path / "spool" / "index.sqlite3")
+        db.execute(f"PRAGMA user_version = {newer}")
+        db.commit()
+        db.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(store_url) as conn:
+            conn.execute("UPDATE schema_version SET version = %s", (newer,))
     with pytest.raises(schema.SchemaVersionError, match="newer dcn-node"):
-        Spool(tmp_path / "spool")
-    assert schema.version_of(sqlite3.connect(path)) == schema.SCHEMA_VERSION + 1
+        Spool(tmp_path / "spool", url=store_url)
+    assert stored_version(tmp_path / "spool", store_url) == newer
+
+
+def test_an_empty_postgresql_database_gets_the_same_tables_as_sqlite(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """The same migrations from an empty database: the same tables and columns, with
+    PostgreSQL's types (64-bit integers, double precision timestamps, identity keys)."""
+    import psycopg
+
+    url = postgres_server.new_database()
+    spool = Spool(tmp_path / "spool", url=url)
+    try:
+        sqlite = sqlite3.connect(":memory:")
+        schema.migrate(sqlite)
+        with psycopg.connect(url) as conn:
+            assert schema.version_of_postgres(conn) == schema.SCHEMA_VERSION
+            for table in TABLES:
+                have = dict(conn.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_name = %s", (table,)).fetchall())
+                want = {row[1]: row[2] for row in sqlite.execute(f"PRAGMA table_info({table})")}
+                assert sorted(have) == sorted(want), table
+                assert {have[c] for c, t in want.items() if t == "REAL"} <= {"double precision"}
+                assert {have[c] for c, t in want.items() if t == "INTEGER"} <= {"bigint"}
+            identity = conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE is_identity = 'YES' "
+                "ORDER BY column_name").fetchall()
+            assert [r[0] for r in identity] == ["delivery_id", "job_id", "result_set_id"]
+        spool.record_event("1.2", "1.2.3", 0, "retried", "after migration")
+        assert "retried" in [e for _, e, _, _ in spool.timeline("1.2", "1.2.3")]
+    finally:
+        spool.close()
+    # Opening it again changes nothing.
+    Spool(tmp_path / "spool", url=url).close()
+    assert stored_version(tmp_path / "spool", url) == schema.SCHEMA_VERSION

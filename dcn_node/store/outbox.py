@@ -1,18 +1,22 @@
 """The durable outbox: result objects waiting to reach each destination.
 
 A result set (the SEG, SC, SR and KOS files of one model run) is recorded here, in the spool's
-SQLite index, before anything is sent, with one delivery row per object and destination.
+index (SQLite, or PostgreSQL with ``store.url``), before anything is sent, with one delivery
+row per object and destination.
 The sender works through the rows; each ends ``sent`` (acknowledged by the peer), ``dead``
 (a failure that retrying will not change, or undeliverable for longer than the configured
 maximum age; ``dcn-node retry`` re-queues them) or ``superseded`` (a newer result set of
 the same series replaced it before it was sent). Rows survive restarts, so results
 acknowledged by nobody are sent after the node comes back.
+
+Senders that share the index (the nodes of a cluster) take their deliveries with
+:meth:`Outbox.claim`: a lease on each row, taken with ``FOR UPDATE SKIP LOCKED``, so two
+senders never hold the same delivery.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +107,8 @@ class Outbox:
         deliveries of older result sets of the same series are superseded in the same
         transaction: the new objects replace them.
         """
-        now = time.time()
         with self.spool.transaction() as db:
+            now = db.now()
             superseded = db.execute(
                 "UPDATE deliveries SET state='superseded', last_error='replaced by a newer "
                 "result set' WHERE state IN ('pending', 'dead') AND result_set_id IN ("
@@ -112,13 +116,12 @@ class Outbox:
                 "series_instance_uid=?)",
                 (job.study_instance_uid, job.series_instance_uid),
             ).rowcount
-            cursor = db.execute(
+            result_set_id = int(db.execute(
                 "INSERT INTO result_sets (study_instance_uid, series_instance_uid, "
-                "generation, folder, created_at) VALUES (?,?,?,?,?)",
+                "generation, folder, created_at) VALUES (?,?,?,?,?) RETURNING result_set_id",
                 (job.study_instance_uid, job.series_instance_uid, job.generation,
                  str(folder), now),
-            )
-            result_set_id = int(cursor.lastrowid or 0)
+            ).fetchone()[0])
             for name, kinds in destinations.items():
                 wanted = set(kinds)
                 db.executemany(
@@ -141,13 +144,37 @@ class Outbox:
 
     def due(self, destination: str, now: float | None = None, limit: int = 500) -> list[Delivery]:
         """Pending deliveries to ``destination`` whose next attempt is due, oldest result
-        set first, objects of one set together."""
-        now = time.time() if now is None else now
+        set first, objects of one set together (not those a sender holds a lease on)."""
+        now = self.spool.now() if now is None else now
         rows = self.spool.query(
             _DELIVERY_SELECT + " WHERE d.state='pending' AND d.destination=? AND "
-            "d.next_attempt_at<=? ORDER BY d.result_set_id, d.delivery_id LIMIT ?",
-            (destination, now, limit),
+            "d.next_attempt_at<=? AND (d.lease_expires_at IS NULL OR d.lease_expires_at<=?) "
+            "ORDER BY d.result_set_id, d.delivery_id LIMIT ?",
+            (destination, now, now, limit),
         )
+        return [_delivery(r) for r in rows]
+
+    def claim(self, destination: str, owner: str, lease_seconds: float,
+              limit: int = 500) -> list[Delivery]:
+        """Take the due deliveries to ``destination`` (as :meth:`due`) under a lease held by
+        ``owner`` for ``lease_seconds``: until an outcome is recorded or the lease runs
+        out, no other claimer gets them. Rows another claimer is taking at the same moment
+        are passed over (PostgreSQL: ``FOR UPDATE SKIP LOCKED``), never waited for."""
+        with self.spool.transaction() as db:
+            now = db.now()
+            ids = [r[0] for r in db.execute(
+                "SELECT delivery_id FROM deliveries WHERE state='pending' AND destination=? "
+                "AND next_attempt_at<=? AND (lease_expires_at IS NULL OR lease_expires_at<=?) "
+                "ORDER BY result_set_id, delivery_id LIMIT ?" + self.spool.dialect.skip_locked,
+                (destination, now, now, limit),
+            ).fetchall()]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            db.execute(f"UPDATE deliveries SET lease_owner=?, lease_expires_at=? WHERE "
+                       f"delivery_id IN ({marks})", (owner, now + lease_seconds, *ids))
+            rows = db.execute(_DELIVERY_SELECT + f" WHERE d.delivery_id IN ({marks}) ORDER BY "
+                              "d.result_set_id, d.delivery_id", ids).fetchall()
         return [_delivery(r) for r in rows]
 
     def next_attempt_at(self, destination: str) -> float | None:
@@ -178,12 +205,12 @@ class Outbox:
     def mark_sent(self, delivery: Delivery, at: float | None = None) -> bool:
         """Record the peer's acknowledgement; True when that completed the result set's
         delivery to this destination."""
-        at = time.time() if at is None else at
         with self.spool.transaction() as db:
             db.execute(
                 "UPDATE deliveries SET state='sent', sent_at=?, attempts=attempts+1, "
-                "last_error=NULL WHERE delivery_id=? AND state='pending'",
-                (at, delivery.delivery_id),
+                "last_error=NULL, lease_owner=NULL, lease_expires_at=NULL "
+                "WHERE delivery_id=? AND state='pending'",
+                (db.now() if at is None else at, delivery.delivery_id),
             )
             left = db.execute(
                 "SELECT COUNT(*) FROM deliveries WHERE result_set_id=? AND destination=? "
@@ -195,28 +222,30 @@ class Outbox:
     def mark_retry(self, delivery: Delivery, error: str, next_attempt_at: float) -> None:
         with self.spool.transaction() as db:
             db.execute(
-                "UPDATE deliveries SET attempts=attempts+1, last_error=?, next_attempt_at=? "
-                "WHERE delivery_id=? AND state='pending'",
+                "UPDATE deliveries SET attempts=attempts+1, last_error=?, next_attempt_at=?, "
+                "lease_owner=NULL, lease_expires_at=NULL WHERE delivery_id=? AND "
+                "state='pending'",
                 (error[:500], next_attempt_at, delivery.delivery_id),
             )
 
     def mark_dead(self, delivery: Delivery, reason: str) -> None:
         with self.spool.transaction() as db:
             db.execute(
-                "UPDATE deliveries SET state='dead', attempts=attempts+1, last_error=? "
-                "WHERE delivery_id=? AND state='pending'",
+                "UPDATE deliveries SET state='dead', attempts=attempts+1, last_error=?, "
+                "lease_owner=NULL, lease_expires_at=NULL WHERE delivery_id=? AND "
+                "state='pending'",
                 (reason[:500], delivery.delivery_id),
             )
 
     def retry_dead(self, destination: str | None = None) -> int:
         """Re-queue dead letters (all, or one destination's) for an attempt now."""
-        now = time.time()
         sql = "UPDATE deliveries SET state='pending', attempts=0, next_attempt_at=?, " \
               "created_at=? WHERE state='dead'"
-        args: tuple = (now, now)
-        if destination is not None:
-            sql, args = sql + " AND destination=?", (*args, destination)
         with self.spool.transaction() as db:
+            now = db.now()
+            args: tuple = (now, now)
+            if destination is not None:
+                sql, args = sql + " AND destination=?", (*args, destination)
             return int(db.execute(sql, args).rowcount)
 
     # -- reporting ---------------------------------------------------------------------

@@ -1,18 +1,21 @@
-"""Durable on-disk state: received files plus an embedded SQLite index.
+"""Durable on-disk state: received files plus their index.
 
 Layout under ``storage.spool_dir``::
 
     incoming/                 temp files being written (removed at start-up)
     instances/<study>/<series>/<sop>.dcm
-    index.sqlite3             instances, series, jobs (WAL journal)
+    index.sqlite3             instances, series, jobs (WAL journal); or, with ``store.url``,
+                              the same tables in PostgreSQL (dcn_node/store/database.py)
 
 An instance is written to ``incoming/``, optionally fsynced, renamed into ``instances/``
 and recorded in SQLite, all before the C-STORE is answered Success. Rename and commit are
 atomic, so after a crash an instance is either fully there or was never acknowledged.
 A file renamed in but not yet recorded (crash between the two) is indexed at start-up.
 
-All writes go through one connection behind a lock: SQLite serialises writers anyway and
-one connection keeps the commit cost to a single WAL append.
+On SQLite all writes go through one connection behind a lock: SQLite serialises writers
+anyway and one connection keeps the commit cost to a single WAL append. On PostgreSQL the
+nodes of a cluster share the index: jobs are claimed with ``FOR UPDATE SKIP LOCKED``, under
+an optional lease, and a claim's count fences its finish (:meth:`Spool.finish_job`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, read_header_from_file
-from dcn_node.store import schema
+from dcn_node.store.database import Transaction, open_index
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,6 +88,14 @@ class Job:
     generation: int
     state: str
     reason: str | None
+    #: Which claim of the job this is (1 the first, 0: not from a claim). Only the job's
+    #: latest claim can finish it: a worker whose lease ran out and whose job was claimed
+    #: again cannot record an outcome.
+    claim: int = 0
+
+
+_JOB_COLUMNS = ("job_id, study_instance_uid, series_instance_uid, generation, state, reason, "
+                "claims")
 
 
 def _header_to_json(header: InstanceHeader) -> str:
@@ -146,9 +155,12 @@ class Spool:
         Folder holding the files and ``index.sqlite3``; created when missing.
     fsync:
         fsync each file, its folder and every commit before returning (power-loss safe).
+    url:
+        A PostgreSQL URL (``store.url``) holding the index instead of ``index.sqlite3``.
     """
 
-    def __init__(self, spool_dir: Path | str, *, fsync: bool = False) -> None:
+    def __init__(self, spool_dir: Path | str, *, fsync: bool = False,
+                 url: str | None = None) -> None:
         self.root = Path(spool_dir)
         self.fsync = fsync
         self.incoming_dir = self.root / "incoming"
@@ -156,41 +168,28 @@ class Spool:
         self._instances_root = str(self.instances_dir)
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self.instances_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.root / "index.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        schema.migrate(self._db)
+        self._index = open_index(self.root, fsync=fsync, url=url)
+        self.dialect = self._index.dialect
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._index.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the index (BEGIN IMMEDIATE ... COMMIT), serialised
-        with every other writer; used by the outbox, which keeps its tables here too."""
-        with self._transaction() as db:
+    def transaction(self) -> Iterator[Transaction]:
+        """One write transaction on the index (SQLite: BEGIN IMMEDIATE ... COMMIT, serialised
+        with every other writer); used by the outbox, which keeps its tables here too."""
+        with self._index.transaction() as db:
             yield db
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        """Run a read-only query on the index."""
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        """Run a read-only query on the index (``?`` placeholders)."""
+        return self._index.query(sql, args)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def now(self) -> float:
+        """The index's time: the database's clock on PostgreSQL, the host's on SQLite."""
+        return self._index.now()
+
+    _transaction = transaction
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -248,9 +247,9 @@ class Spool:
         """
         path = self.instance_path(header)
         size = self._write_file(path, parts)
-        now = time.time()
         try:
             with self._transaction() as db:
+                now = db.now()
                 previous = db.execute(
                     "SELECT path FROM instances WHERE sop_instance_uid = ?",
                     (header.sop_instance_uid,),
@@ -259,7 +258,7 @@ class Spool:
                     db, header, path, size, transfer_syntax_uid, now, calling_ae_title
                 )
                 self._touch_series(db, header.study_instance_uid, header.series_instance_uid, now)
-        except sqlite3.Error as exc:
+        except self._index.errors as exc:
             raise SpoolWriteError(f"cannot index {header.sop_instance_uid}: {exc}") from exc
         if previous is not None and previous[0] != str(path):
             # Re-sent under another series: the index now points at the new file.
@@ -268,7 +267,7 @@ class Spool:
 
     @staticmethod
     def _upsert_instance(
-        db: sqlite3.Connection,
+        db: Transaction,
         header: InstanceHeader,
         path: Path,
         size: int,
@@ -302,20 +301,20 @@ class Spool:
             ),
         )
 
-    def _touch_series(self, db: sqlite3.Connection, study: str, series: str, now: float) -> None:
-        row = db.execute(
-            "SELECT state, generation FROM series "
-            "WHERE study_instance_uid = ? AND series_instance_uid = ?",
-            (study, series),
-        ).fetchone()
+    def _touch_series(self, db: Transaction, study: str, series: str, now: float) -> None:
+        select = ("SELECT state, generation FROM series WHERE study_instance_uid = ? AND "
+                  "series_instance_uid = ?" + self.dialect.lock_rows)
+        row = db.execute(select, (study, series)).fetchone()
         if row is None:
-            db.execute(
+            if db.execute(
                 "INSERT INTO series (study_instance_uid, series_instance_uid, state, "
                 "first_received_at, last_received_at, quiet_since, updated_at) "
-                "VALUES (?,?,'receiving',?,?,?,?)",
+                "VALUES (?,?,'receiving',?,?,?,?) ON CONFLICT DO NOTHING",
                 (study, series, now, now, now, now),
-            )
-            return
+            ).rowcount == 1:
+                return
+            # Another node recorded the series' first instance meanwhile (PostgreSQL).
+            row = db.execute(select, (study, series)).fetchone()
         state, generation = row
         if state in _CLOSED_STATES:
             # A late arrival: the series is received again and completes again later.
@@ -355,8 +354,7 @@ class Spool:
         """
         for temp in self.incoming_dir.glob("*.tmp"):
             temp.unlink(missing_ok=True)
-        with self._lock:
-            known = {row[0] for row in self._db.execute("SELECT path FROM instances")}
+        known = {row[0] for row in self.query("SELECT path FROM instances")}
         orphans = [p for p in self.instances_dir.glob("*/*/*.dcm") if str(p) not in known]
         for path in orphans:
             try:
@@ -366,17 +364,25 @@ class Spool:
                 continue
             self._index_existing(path, header, transfer_syntax)
             LOGGER.info("Indexed spool file %s written before a crash", path.name)
-        now = time.time()
         with self._transaction() as db:
+            now = db.now()
             db.execute("UPDATE series SET quiet_since=? WHERE state='receiving'", (now,))
             # A series being assessed when we stopped is assessed again.
             db.execute(
                 "UPDATE series SET state='receiving', quiet_since=? WHERE state='complete'",
                 (now,),
             )
-            # A model run cut short by the stop runs again.
-            db.execute("UPDATE jobs SET state='queued' WHERE state='processing'")
-            db.execute("UPDATE series SET state='queued' WHERE state='processing'")
+            # A model run cut short by the stop runs again; one under a lease that has not
+            # run out belongs to another node of a cluster, which is still at it.
+            db.execute(
+                "UPDATE jobs SET state='queued', lease_owner=NULL, lease_expires_at=NULL "
+                "WHERE state='processing' AND (lease_expires_at IS NULL OR "
+                "lease_expires_at <= ?)", (now,))
+            db.execute(
+                "UPDATE series SET state='queued' WHERE state='processing' AND NOT EXISTS ("
+                "SELECT 1 FROM jobs j WHERE j.study_instance_uid = series.study_instance_uid "
+                "AND j.series_instance_uid = series.series_instance_uid AND "
+                "j.generation = series.generation AND j.state = 'processing')")
 
     def _index_existing(self, path: Path, header: InstanceHeader, transfer_syntax: str) -> None:
         stat = path.stat()
@@ -409,26 +415,22 @@ class Spool:
         args: tuple[str, ...] = ()
         if state is not None:
             query, args = query + " WHERE s.state = ?", (state,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY s.first_received_at", args).fetchall()
+        rows = self.query(query + " ORDER BY s.first_received_at", args)
         return [SeriesRecord(*r) for r in rows]
 
     def get_series(self, study: str, series: str) -> SeriesRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                self._SERIES_SELECT
-                + " WHERE s.study_instance_uid = ? AND s.series_instance_uid = ?",
-                (study, series),
-            ).fetchone()
-        return SeriesRecord(*row) if row else None
+        rows = self.query(
+            self._SERIES_SELECT + " WHERE s.study_instance_uid = ? AND s.series_instance_uid = ?",
+            (study, series),
+        )
+        return SeriesRecord(*rows[0]) if rows else None
 
     def series_instances(self, study: str, series: str) -> list[StoredInstance]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT header_json, path, transfer_syntax_uid, received_at FROM instances "
-                "WHERE study_instance_uid = ? AND series_instance_uid = ?",
-                (study, series),
-            ).fetchall()
+        rows = self.query(
+            "SELECT header_json, path, transfer_syntax_uid, received_at FROM instances "
+            "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+            (study, series),
+        )
         return [StoredInstance(_header_from_json(h), Path(p), ts, t) for h, p, ts, t in rows]
 
     def close_series(
@@ -441,8 +443,8 @@ class Spool:
         """
         if state not in SERIES_STATES:
             raise ValueError(f"unknown series state {state!r}")
-        now = time.time()
         with self._transaction() as db:
+            now = db.now()
             cursor = db.execute(
                 "UPDATE series SET state=?, reason=?, completed_at=?, updated_at=? "
                 "WHERE study_instance_uid=? AND series_instance_uid=? AND generation=? "
@@ -463,7 +465,8 @@ class Spool:
             if enqueue:
                 db.execute(
                     "INSERT INTO jobs (study_instance_uid, series_instance_uid, generation, "
-                    "state, created_at, updated_at) VALUES (?,?,?,'queued',?,?)",
+                    "state, created_at, updated_at) VALUES (?,?,?,'queued',?,?) "
+                    "ON CONFLICT DO NOTHING",
                     (
                         record.study_instance_uid,
                         record.series_instance_uid,
@@ -477,58 +480,93 @@ class Spool:
     # -- jobs --------------------------------------------------------------------------
 
     def list_jobs(self, state: str | None = None) -> list[Job]:
-        query = (
-            "SELECT job_id, study_instance_uid, series_instance_uid, generation, state, reason "
-            "FROM jobs"
-        )
+        query = f"SELECT {_JOB_COLUMNS} FROM jobs"
         args: tuple = ()
         if state is not None:
             query, args = query + " WHERE state = ?", (state,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY job_id", args).fetchall()
-        return [Job(*r) for r in rows]
+        return [Job(*r) for r in self.query(query + " ORDER BY job_id", args)]
 
     def count_jobs(self, state: str) -> int:
         """Jobs in ``state`` (backpressure and queue gauges ask on every association and
         scrape: a count, not the rows)."""
         return int(self.query("SELECT COUNT(*) FROM jobs WHERE state=?", (state,))[0][0])
 
-    def claim_next_job(self) -> Job | None:
-        """Take the oldest queued job: job and series become ``processing``."""
-        now = time.time()
+    def claim_next_job(self, owner: str | None = None,
+                       lease_seconds: float | None = None) -> Job | None:
+        """Take the oldest queued job: job and series become ``processing``.
+
+        With ``lease_seconds`` the claim is a lease held by ``owner``: when it runs out
+        (:meth:`renew_lease` extends it), the job may be claimed again, by any node, and
+        this claim can no longer finish it. Without, the job is held until it finishes or
+        the node recovers (one node). Claimers on PostgreSQL pass over each other's rows
+        (``FOR UPDATE SKIP LOCKED``): two never take the same job.
+        """
         with self._transaction() as db:
+            now = db.now()
             row = db.execute(
-                "SELECT job_id, study_instance_uid, series_instance_uid, generation, state, "
-                "reason FROM jobs WHERE state='queued' ORDER BY job_id LIMIT 1"
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='queued' OR (state='processing' "
+                "AND lease_expires_at <= ?) ORDER BY job_id LIMIT 1" + self.dialect.skip_locked,
+                (now,),
             ).fetchone()
             if row is None:
                 return None
             job = Job(*row)
-            db.execute("UPDATE jobs SET state='processing', updated_at=? WHERE job_id=?",
-                       (now, job.job_id))
+            claim = db.execute(
+                "UPDATE jobs SET state='processing', claims=claims+1, lease_owner=?, "
+                "lease_expires_at=?, updated_at=? WHERE job_id=? RETURNING claims",
+                (owner, None if lease_seconds is None else now + lease_seconds, now,
+                 job.job_id),
+            ).fetchone()[0]
             db.execute(
                 "UPDATE series SET state='processing', updated_at=? WHERE study_instance_uid=? "
-                "AND series_instance_uid=? AND generation=? AND state='queued'",
+                "AND series_instance_uid=? AND generation=? AND state IN "
+                "('queued', 'processing')",
                 (now, job.study_instance_uid, job.series_instance_uid, job.generation),
             )
         return Job(job.job_id, job.study_instance_uid, job.series_instance_uid,
-                   job.generation, "processing", None)
+                   job.generation, "processing", None, int(claim))
 
-    def finish_job(self, job: Job, state: str, reason: str | None = None) -> None:
+    def renew_lease(self, job: Job, lease_seconds: float) -> bool:
+        """Extend the lease of a claimed job from now; False when the claim is no longer
+        the job's (it ran out and the job was claimed again, or it finished)."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE jobs SET lease_expires_at=? WHERE job_id=? AND claims=? AND "
+                "state='processing'",
+                (db.now() + lease_seconds, job.job_id, job.claim),
+            ).rowcount == 1
+
+    def finish_job(self, job: Job, state: str, reason: str | None = None) -> bool:
         """Record a job's outcome (``done`` or ``failed``) on the job and, unless a late
-        arrival reopened it meanwhile, on its series."""
+        arrival reopened it meanwhile, on its series.
+
+        Fenced: a job from a claim (``job.claim`` > 0) is finished only while that claim is
+        the job's latest, and a series only at the job's generation, so a stale claim
+        never marks a newer claim's or generation's work. Returns whether the job's
+        outcome was recorded.
+        """
         if state not in ("done", "failed"):
             raise ValueError(f"a job finishes done or failed, not {state!r}")
-        now = time.time()
+        fence, args = ("", ()) if job.claim == 0 else (" AND claims=?", (job.claim,))
         with self._transaction() as db:
-            db.execute("UPDATE jobs SET state=?, reason=?, updated_at=? WHERE job_id=?",
-                       (state, reason, now, job.job_id))
+            now = db.now()
+            applied = db.execute(
+                "UPDATE jobs SET state=?, reason=?, lease_owner=NULL, lease_expires_at=NULL, "
+                "updated_at=? WHERE job_id=?" + fence,
+                (state, reason, now, job.job_id, *args),
+            ).rowcount == 1
+            if not applied:
+                LOGGER.warning("Job %d of series %s (claim %d) was claimed again since; its "
+                               "outcome %s is not recorded", job.job_id,
+                               job.series_instance_uid, job.claim, state)
+                return False
             db.execute(
                 "UPDATE series SET state=?, reason=?, updated_at=? WHERE study_instance_uid=? "
                 "AND series_instance_uid=? AND generation=? AND state='processing'",
                 (state, reason, now, job.study_instance_uid, job.series_instance_uid,
                  job.generation),
             )
+        return True
 
     # -- timeline --------------------------------------------------------------------
 
@@ -541,7 +579,7 @@ class Spool:
             db.execute(
                 "INSERT INTO timeline (study_instance_uid, series_instance_uid, generation, "
                 "event, at, detail) VALUES (?,?,?,?,?,?)",
-                (study, series, generation, event, time.time() if at is None else at, detail),
+                (study, series, generation, event, db.now() if at is None else at, detail),
             )
 
     def timeline(self, study: str, series: str) -> list[tuple[int, str, float, str | None]]:
@@ -552,7 +590,8 @@ class Spool:
             (g, e, a, d)
             for g, e, a, d in self.query(
                 "SELECT generation, event, at, detail FROM timeline WHERE "
-                "study_instance_uid=? AND series_instance_uid=? ORDER BY at, rowid",
+                "study_instance_uid=? AND series_instance_uid=? ORDER BY at, "
+                + self.dialect.write_order,
                 (study, series),
             )
         ]
