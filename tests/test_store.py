@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dcn_node.header import InstanceHeader, header_from_dataset
 from dcn_node.store.outbox import Outbox, ResultObject
 from dcn_node.store.spool import Job, SeriesRecord, Spool
+from tests.conftest import send_datasets, wait_for
 from tests.dicom_factory import ct_series
 from tests.postgres import PostgresServer, postgres_server, store_url
 
@@ -313,3 +314,21 @@ def test_postgresql_timestamps_come_from_the_database(
         assert spool.get_series(header.study_instance_uid, header.series_instance_uid)
     finally:
         spool.close()
+
+
+def test_the_node_keeps_its_index_in_the_configured_postgresql(
+        start_node, tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """store.url wires the node to PostgreSQL: a received series is recorded, completed and
+    queued there, and no index.sqlite3 is made in the spool."""
+    import psycopg
+
+    url = postgres_server.new_database()
+    node = start_node(store={"url": url})
+    series = ct_series(6)
+    assert send_datasets(series, node.receiver.port) == [0] * 6
+    record = wait_for(lambda: next(iter(node.spool.list_series("queued")), None), timeout=15)
+    assert record.series_instance_uid == series[0].SeriesInstanceUID and record.instances == 6
+    with psycopg.connect(url) as conn:
+        jobs = conn.execute("SELECT series_instance_uid, state, generation FROM jobs").fetchall()
+    assert jobs == [(series[0].SeriesInstanceUID, "queued", 0)]
+    assert not (node.spool.root / "index.sqlite3").exists()
