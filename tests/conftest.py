@@ -19,6 +19,7 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage
 
 from dcn_node.config import Settings, parse_settings
 from dcn_node.node import Node
+from tests.postgres import postgres_server, store_url  # noqa: F401  (one server a session)
 
 NODE_AET = "DCN_NODE"
 

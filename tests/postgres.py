@@ -6,7 +6,8 @@ tests (no fsync: a crash of the test server loses nothing worth keeping). Postgr
 to run as root, so when we are root it runs as the ``postgres`` system user (``nobody``
 where that package's user is missing) through ``runuser``, and the temp folder is made with
 ``tempfile`` rather than under pytest's own (which is private to root, mode 0700, like the
-Orthanc fixture's). Each test gets a database of its own (:func:`store_url`).
+Orthanc fixture's). Each test gets a database of its own (:func:`store_url`). The fixtures
+are imported by conftest.py, so that the whole session shares the one server.
 
 Tests that need the server are skipped, with the reason, when the binaries or psycopg are
 missing; ``make test`` installs ``postgresql`` (system-deps) and psycopg (the ``cluster``
@@ -20,6 +21,7 @@ import itertools
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -28,10 +30,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-
 POSTGRES_ROOT = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def postgres_bin() -> Path | None:

@@ -15,9 +15,7 @@ import pytest
 from dcn_node.store import schema
 from dcn_node.store.outbox import Outbox
 from dcn_node.store.spool import Spool
-from tests.postgres import PostgresServer, postgres_server, store_url
-
-__all__ = ["postgres_server", "store_url"]  # fixtures used by name
+from tests.postgres import PostgresServer
 
 #: d2ac3fb dcn_node/spool.py: the first index (no frame counts, no timeline, no outbox).
 SCHEMA_D2AC3FB = """

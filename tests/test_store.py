@@ -4,6 +4,7 @@ never take the same job or delivery and stale claims that cannot record an outco
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,14 +13,14 @@ from pathlib import Path
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dcn_node.config import parse_settings
+from dcn_node.errors import ConfigError
 from dcn_node.header import InstanceHeader, header_from_dataset
 from dcn_node.store.outbox import Outbox, ResultObject
 from dcn_node.store.spool import Job, SeriesRecord, Spool
 from tests.conftest import send_datasets, wait_for
 from tests.dicom_factory import ct_series
-from tests.postgres import PostgresServer, postgres_server, store_url
-
-__all__ = ["postgres_server", "store_url"]  # fixtures used by name
+from tests.postgres import PostgresServer
 
 DESTINATIONS = {"pacs": ("seg", "sr"), "viewer": ("seg",)}
 
@@ -207,6 +208,21 @@ def test_outbox_claims_hold_deliveries_until_an_outcome_or_the_lease_ends(
     assert [d.kind for d in box.claim("pacs", "node-b", lease_seconds=-1.0)] == ["sr"]
     # That lease ran out at once: the delivery is anyone's again.
     assert [d.kind for d in box.claim("pacs", "node-c", lease_seconds=60.0)] == ["sr"]
+
+
+def test_store_url_is_unset_by_default_and_only_postgresql() -> None:
+    assert parse_settings({}).store.url is None
+    url = "postgresql://dcn@db.example:5432/dcn"
+    assert parse_settings({"store": {"url": url}}).store.url == url
+    with pytest.raises(ConfigError, match="store.url: .*postgresql:// URL"):
+        parse_settings({"store": {"url": "mysql://db/dcn"}})
+
+
+def test_a_postgresql_store_without_psycopg_is_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg raises ImportError
+    with pytest.raises(ConfigError, match=r"dcn-node\[cluster\]"):
+        Spool(tmp_path / "spool", url="postgresql:///dcn")
 
 
 # -- claimers sharing one index (nodes of a cluster) ----------------------------------

@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dcn_node.errors import ConfigError
 from dcn_node.store import schema
 
 if TYPE_CHECKING:
@@ -180,8 +181,11 @@ class PostgresIndex(Index):
     dialect = schema.POSTGRESQL
 
     def __init__(self, url: str) -> None:
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError("store.url", [
+                "a PostgreSQL store needs psycopg: pip install 'dcn-node[cluster]'"]) from None
         self._psycopg = psycopg
         self.errors = (psycopg.Error,)
         self._url = url
@@ -243,6 +247,10 @@ def open_index(spool_dir: Path, *, fsync: bool = False, url: str | None = None) 
     ------
     schema.SchemaVersionError
         If the index was written by a newer dcn-node.
+    ConfigError
+        If ``url`` is given and psycopg (the ``cluster`` extra) is not installed.
+    psycopg.OperationalError
+        If the PostgreSQL server cannot be reached.
     """
     if url is None:
         return SqliteIndex(spool_dir / "index.sqlite3", fsync=fsync)
