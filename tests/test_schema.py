@@ -325,3 +325,27 @@ def test_an_empty_postgresql_database_gets_the_same_tables_as_sqlite(
     # Opening it again changes nothing.
     Spool(tmp_path / "spool", url=url).close()
     assert stored_version(tmp_path / "spool", url) == schema.SCHEMA_VERSION
+
+
+def test_a_postgresql_database_at_version_1_takes_the_next_step_and_keeps_its_jobs(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """The numbered steps run on PostgreSQL from wherever a database stands, as on SQLite."""
+    import psycopg
+
+    url = postgres_server.new_database()
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        schema._STEPS[0](schema._Target(schema.POSTGRESQL, conn.execute))
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute("INSERT INTO jobs (study_instance_uid, series_instance_uid, generation, "
+                     "state, created_at, updated_at) VALUES (%s, %s, 0, 'processing', 1, 1)",
+                     (STUDY, SERIES))
+    spool = Spool(tmp_path / "spool", url=url)
+    try:
+        (job,) = spool.list_jobs()
+        assert (job.state, job.claim) == ("processing", 0)
+        spool.recover()  # an unleased job of the older version runs again
+        assert [j.state for j in spool.list_jobs()] == ["queued"]
+    finally:
+        spool.close()
+    assert stored_version(tmp_path / "spool", url) == schema.SCHEMA_VERSION
