@@ -210,6 +210,73 @@ def test_outbox_claims_hold_deliveries_until_an_outcome_or_the_lease_ends(
     assert [d.kind for d in box.claim("pacs", "node-c", lease_seconds=60.0)] == ["sr"]
 
 
+def test_recovery_takes_back_this_nodes_claims_not_another_live_nodes(spool: Spool,
+                                                                       tmp_path: Path) -> None:
+    queued_jobs(spool, 3)
+    mine = spool.claim_next_job("node-a", lease_seconds=600.0)
+    theirs = spool.claim_next_job("node-b", lease_seconds=600.0)
+    done = spool.claim_next_job("node-a", lease_seconds=600.0)
+    assert mine and theirs and done
+    box = Outbox(spool)
+    box.record_result_set(done, tmp_path, objects(tmp_path, 2), {"pacs": ("seg",),
+                                                                   "viewer": ("sr",)})
+    assert [d.kind for d in box.claim("pacs", "node-a", 600.0)] == ["seg"]
+    assert [d.kind for d in box.claim("viewer", "node-b", 600.0)] == ["sr"]
+    spool.recover("node-a")  # node-a restarted under its own id
+    assert box.release("node-a") == 1
+    states = {j.job_id: j.state for j in spool.list_jobs()}
+    assert (states[mine.job_id], states[theirs.job_id]) == ("queued", "processing")
+    assert [d.kind for d in box.claim("pacs", "node-c", 600.0)] == ["seg"]
+    assert box.claim("viewer", "node-c", 600.0) == []  # node-b is still at it
+
+
+def test_a_result_set_is_recorded_only_by_the_jobs_latest_claim(spool: Spool,
+                                                                tmp_path: Path) -> None:
+    """A worker whose lease ran out while it analysed, and whose job another node claimed,
+    records no result set; the latest claim records one and finishes the job with it."""
+    queued_jobs(spool, 1)
+    first = spool.claim_next_job("node-a", lease_seconds=-1.0)  # runs out at once
+    second = spool.claim_next_job("node-b", lease_seconds=60.0)
+    assert first and second and second.claim == 2
+    box = Outbox(spool)
+    for finish in (True, False):
+        assert box.record_result_set(first, tmp_path, objects(tmp_path), DESTINATIONS,
+                                     finish=finish) is None
+    assert box.deliveries() == [] and spool.list_jobs()[0].state == "processing"
+    set_id = box.record_result_set(second, tmp_path, objects(tmp_path), DESTINATIONS,
+                                   finish=True)
+    assert set_id is not None and box.result_set_counts(set_id) == {"pending": 3}
+    (job,) = spool.list_jobs()
+    assert (job.state, job.claim) == ("done", 2)
+    record = spool.get_series(job.study_instance_uid, job.series_instance_uid)
+    assert record is not None and record.state == "done"
+    assert not spool.renew_lease(second, 60.0)  # finished: nothing left to renew
+
+
+def test_delivery_outcomes_are_recorded_only_by_their_claimer(spool: Spool,
+                                                              tmp_path: Path) -> None:
+    queued_jobs(spool, 1)
+    job = spool.claim_next_job()
+    assert job is not None
+    box = Outbox(spool)
+    box.record_result_set(job, tmp_path, objects(tmp_path, 2), {"pacs": ("seg", "sr")})
+    stale = box.claim("pacs", "node-a", lease_seconds=-1.0)  # runs out at once
+    assert box.renew("pacs", "node-a", -1.0) == 2
+    now = spool.now()
+    assert box.next_attempt_at("pacs") <= now
+    held = box.claim("pacs", "node-b", lease_seconds=60.0)
+    assert [d.delivery_id for d in held] == [d.delivery_id for d in stale]
+    assert box.next_attempt_at("pacs") >= now + 59  # nothing to claim before node-b's ends
+    assert box.renew("pacs", "node-a", 60.0) == 0
+    box.mark_sent(stale[0], owner="node-a")
+    box.mark_dead(stale[1], "refused", owner="node-a")
+    assert box.counts() == {"pacs": {"pending": 2}}
+    box.mark_sent(held[0], owner="node-b")
+    box.mark_retry(held[1], "busy", now - 1, owner="node-b")
+    assert box.counts() == {"pacs": {"pending": 1, "sent": 1}}
+    assert box.release("node-b") == 0  # an outcome ended the lease already
+
+
 def test_store_url_is_unset_by_default_and_only_postgresql() -> None:
     assert parse_settings({}).store.url is None
     url = "postgresql://dcn@db.example:5432/dcn"

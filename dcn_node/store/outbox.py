@@ -9,9 +9,10 @@ maximum age; ``dcn-node retry`` re-queues them) or ``superseded`` (a newer resul
 the same series replaced it before it was sent). Rows survive restarts, so results
 acknowledged by nobody are sent after the node comes back.
 
-Senders that share the index (the nodes of a cluster) take their deliveries with
-:meth:`Outbox.claim`: a lease on each row, taken with ``FOR UPDATE SKIP LOCKED``, so two
-senders never hold the same delivery.
+Senders take their deliveries with :meth:`Outbox.claim`: a lease in the sender's node's
+name on each row, taken with ``FOR UPDATE SKIP LOCKED``, so two senders sharing the index
+(the nodes of a cluster) never hold the same delivery; an outcome is recorded only while
+the delivery is still its claimer's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dcn_node.store.spool import Job, Spool
 LOGGER = logging.getLogger(__name__)
 
 DELIVERY_STATES = ("pending", "sent", "dead", "superseded")
-
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ _DELIVERY_SELECT = (
 )
 
 
+def _fence(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """The condition that applies an outcome only to ``owner``'s claim (None: anyone's)."""
+    return ("", ()) if owner is None else (" AND lease_owner=?", (owner,))
+
+
 def _delivery(row: tuple) -> Delivery:
     values = list(row)
     values[6] = Path(values[6])
@@ -99,15 +104,28 @@ class Outbox:
 
     def record_result_set(
         self, job: Job, folder: Path, objects: Sequence[ResultObject],
-        destinations: Mapping[str, Iterable[str]],
-    ) -> int:
+        destinations: Mapping[str, Iterable[str]], *, finish: bool = False,
+    ) -> int | None:
         """Record a result set and one pending delivery per object and destination.
 
         ``destinations`` maps each destination name to the object kinds it takes. Pending
         deliveries of older result sets of the same series are superseded in the same
-        transaction: the new objects replace them.
+        transaction: the new objects replace them. With ``finish`` the job is marked
+        ``done`` in that transaction too. Fenced like
+        :meth:`~dcn_node.store.spool.Spool.finish_job`: when ``job`` is no longer its
+        latest claim (the lease ran out and another node took it), nothing is recorded and
+        None is returned; otherwise the result set's id.
         """
         with self.spool.transaction() as db:
+            if finish and not self.spool.finish_in(db, job, "done"):
+                return None
+            if not finish and job.claim and db.execute(
+                    "SELECT claims FROM jobs WHERE job_id=?" + self.spool.dialect.lock_rows,
+                    (job.job_id,)).fetchone() != (job.claim,):
+                LOGGER.warning("Job %d of series %s (claim %d) was claimed again since; its "
+                               "results are not recorded", job.job_id,
+                               job.series_instance_uid, job.claim)
+                return None
             now = db.now()
             superseded = db.execute(
                 "UPDATE deliveries SET state='superseded', last_error='replaced by a newer "
@@ -154,12 +172,15 @@ class Outbox:
         )
         return [_delivery(r) for r in rows]
 
-    def claim(self, destination: str, owner: str, lease_seconds: float,
+    def claim(self, destination: str, owner: str, lease_seconds: float | None,
               limit: int = 500) -> list[Delivery]:
         """Take the due deliveries to ``destination`` (as :meth:`due`) under a lease held by
         ``owner`` for ``lease_seconds``: until an outcome is recorded or the lease runs
         out, no other claimer gets them. Rows another claimer is taking at the same moment
-        are passed over (PostgreSQL: ``FOR UPDATE SKIP LOCKED``), never waited for."""
+        are passed over (PostgreSQL: ``FOR UPDATE SKIP LOCKED``), never waited for.
+
+        ``lease_seconds`` None (one node, SQLite): the rows are marked ``owner``'s (which
+        fences the outcomes) but not held against another claim."""
         with self.spool.transaction() as db:
             now = db.now()
             ids = [r[0] for r in db.execute(
@@ -171,16 +192,39 @@ class Outbox:
             if not ids:
                 return []
             marks = ",".join("?" * len(ids))
+            until = None if lease_seconds is None else now + lease_seconds
             db.execute(f"UPDATE deliveries SET lease_owner=?, lease_expires_at=? WHERE "
-                       f"delivery_id IN ({marks})", (owner, now + lease_seconds, *ids))
+                       f"delivery_id IN ({marks})", (owner, until, *ids))
             rows = db.execute(_DELIVERY_SELECT + f" WHERE d.delivery_id IN ({marks}) ORDER BY "
                               "d.result_set_id, d.delivery_id", ids).fetchall()
         return [_delivery(r) for r in rows]
 
+    def renew(self, destination: str, owner: str, lease_seconds: float) -> int:
+        """Extend, from now, the leases ``owner`` holds on deliveries to ``destination``;
+        returns how many it still holds."""
+        with self.spool.transaction() as db:
+            return int(db.execute(
+                "UPDATE deliveries SET lease_expires_at=? WHERE state='pending' AND "
+                "destination=? AND lease_owner=?",
+                (db.now() + lease_seconds, destination, owner)).rowcount)
+
+    def release(self, owner: str, destination: str | None = None) -> int:
+        """End the leases ``owner`` holds (on one destination's deliveries, or all): what
+        it did not send is anyone's to claim again. Returns how many were released."""
+        sql = "UPDATE deliveries SET lease_owner=NULL, lease_expires_at=NULL WHERE " \
+              "state='pending' AND lease_owner=?"
+        args: tuple = (owner,)
+        if destination is not None:
+            sql, args = sql + " AND destination=?", (owner, destination)
+        with self.spool.transaction() as db:
+            return int(db.execute(sql, args).rowcount)
+
     def next_attempt_at(self, destination: str) -> float | None:
-        """When the next pending delivery to ``destination`` is due (None: none pending)."""
+        """When the next pending delivery to ``destination`` can be claimed (its attempt
+        is due and no lease holds it; None: none pending)."""
         rows = self.spool.query(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE state='pending' AND "
+            "SELECT MIN(CASE WHEN lease_expires_at > next_attempt_at THEN lease_expires_at "
+            "ELSE next_attempt_at END) FROM deliveries WHERE state='pending' AND "
             "destination=?",
             (destination,),
         )
@@ -202,15 +246,20 @@ class Outbox:
 
     # -- outcomes ----------------------------------------------------------------------
 
-    def mark_sent(self, delivery: Delivery, at: float | None = None) -> bool:
+    def mark_sent(self, delivery: Delivery, at: float | None = None,
+                  owner: str | None = None) -> bool:
         """Record the peer's acknowledgement; True when that completed the result set's
-        delivery to this destination."""
+        delivery to this destination.
+
+        The outcomes (this, :meth:`mark_retry`, :meth:`mark_dead`) given ``owner`` are
+        recorded only while the delivery is still ``owner``'s claim."""
+        fence, args = _fence(owner)
         with self.spool.transaction() as db:
             db.execute(
                 "UPDATE deliveries SET state='sent', sent_at=?, attempts=attempts+1, "
                 "last_error=NULL, lease_owner=NULL, lease_expires_at=NULL "
-                "WHERE delivery_id=? AND state='pending'",
-                (db.now() if at is None else at, delivery.delivery_id),
+                "WHERE delivery_id=? AND state='pending'" + fence,
+                (db.now() if at is None else at, delivery.delivery_id, *args),
             )
             left = db.execute(
                 "SELECT COUNT(*) FROM deliveries WHERE result_set_id=? AND destination=? "
@@ -219,22 +268,25 @@ class Outbox:
             ).fetchone()[0]
         return left == 0
 
-    def mark_retry(self, delivery: Delivery, error: str, next_attempt_at: float) -> None:
+    def mark_retry(self, delivery: Delivery, error: str, next_attempt_at: float,
+                   owner: str | None = None) -> None:
+        fence, args = _fence(owner)
         with self.spool.transaction() as db:
             db.execute(
                 "UPDATE deliveries SET attempts=attempts+1, last_error=?, next_attempt_at=?, "
                 "lease_owner=NULL, lease_expires_at=NULL WHERE delivery_id=? AND "
-                "state='pending'",
-                (error[:500], next_attempt_at, delivery.delivery_id),
+                "state='pending'" + fence,
+                (error[:500], next_attempt_at, delivery.delivery_id, *args),
             )
 
-    def mark_dead(self, delivery: Delivery, reason: str) -> None:
+    def mark_dead(self, delivery: Delivery, reason: str, owner: str | None = None) -> None:
+        fence, args = _fence(owner)
         with self.spool.transaction() as db:
             db.execute(
                 "UPDATE deliveries SET state='dead', attempts=attempts+1, last_error=?, "
                 "lease_owner=NULL, lease_expires_at=NULL WHERE delivery_id=? AND "
-                "state='pending'",
-                (reason[:500], delivery.delivery_id),
+                "state='pending'" + fence,
+                (reason[:500], delivery.delivery_id, *args),
             )
 
     def retry_dead(self, destination: str | None = None) -> int:

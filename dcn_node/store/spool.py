@@ -51,7 +51,6 @@ SERIES_STATES = (
 _CLOSED_STATES = ("complete", "ignored", "rejected", "queued", "processing", "done", "failed")
 
 
-
 @dataclass(frozen=True)
 class StoredInstance:
     """An instance as recorded in the index."""
@@ -345,12 +344,13 @@ class Spool:
 
     # -- recovery ----------------------------------------------------------------------
 
-    def recover(self) -> None:
+    def recover(self, owner: str | None = None) -> None:
         """Bring the spool back to a consistent state after a stop or crash.
 
         Removes half-written temp files, indexes files that were renamed in but not
-        recorded, and restarts the quiet timer of series still receiving (their senders
-        could not reach us while we were down).
+        recorded, restarts the quiet timer of series still receiving (their senders
+        could not reach us while we were down) and queues again the jobs cut short: those
+        claimed without a lease, under one that ran out, or by ``owner`` (this node).
         """
         for temp in self.incoming_dir.glob("*.tmp"):
             temp.unlink(missing_ok=True)
@@ -372,12 +372,12 @@ class Spool:
                 "UPDATE series SET state='receiving', quiet_since=? WHERE state='complete'",
                 (now,),
             )
-            # A model run cut short by the stop runs again; one under a lease that has not
-            # run out belongs to another node of a cluster, which is still at it.
+            # A model run cut short by the stop runs again; one under another node's lease
+            # that has not run out is that node's, which is still at it.
             db.execute(
                 "UPDATE jobs SET state='queued', lease_owner=NULL, lease_expires_at=NULL "
                 "WHERE state='processing' AND (lease_expires_at IS NULL OR "
-                "lease_expires_at <= ?)", (now,))
+                "lease_expires_at <= ? OR lease_owner = ?)", (now, owner))
             db.execute(
                 "UPDATE series SET state='queued' WHERE state='processing' AND NOT EXISTS ("
                 "SELECT 1 FROM jobs j WHERE j.study_instance_uid = series.study_instance_uid "
@@ -449,16 +449,8 @@ class Spool:
                 "UPDATE series SET state=?, reason=?, completed_at=?, updated_at=? "
                 "WHERE study_instance_uid=? AND series_instance_uid=? AND generation=? "
                 "AND state='receiving' AND quiet_since=?",
-                (
-                    state,
-                    reason,
-                    now,
-                    now,
-                    record.study_instance_uid,
-                    record.series_instance_uid,
-                    record.generation,
-                    record.quiet_since,
-                ),
+                (state, reason, now, now, record.study_instance_uid,
+                 record.series_instance_uid, record.generation, record.quiet_since),
             )
             if cursor.rowcount != 1:
                 return False
@@ -467,13 +459,8 @@ class Spool:
                     "INSERT INTO jobs (study_instance_uid, series_instance_uid, generation, "
                     "state, created_at, updated_at) VALUES (?,?,?,'queued',?,?) "
                     "ON CONFLICT DO NOTHING",
-                    (
-                        record.study_instance_uid,
-                        record.series_instance_uid,
-                        record.generation,
-                        now,
-                        now,
-                    ),
+                    (record.study_instance_uid, record.series_instance_uid,
+                     record.generation, now, now),
                 )
         return True
 
@@ -545,27 +532,30 @@ class Spool:
         never marks a newer claim's or generation's work. Returns whether the job's
         outcome was recorded.
         """
+        with self._transaction() as db:
+            return self.finish_in(db, job, state, reason)
+
+    def finish_in(self, db: Transaction, job: Job, state: str, reason: str | None = None
+                  ) -> bool:
+        """:meth:`finish_job` within the transaction ``db`` (the outbox records a result
+        set and finishes its job in one)."""
         if state not in ("done", "failed"):
             raise ValueError(f"a job finishes done or failed, not {state!r}")
         fence, args = ("", ()) if job.claim == 0 else (" AND claims=?", (job.claim,))
-        with self._transaction() as db:
-            now = db.now()
-            applied = db.execute(
-                "UPDATE jobs SET state=?, reason=?, lease_owner=NULL, lease_expires_at=NULL, "
-                "updated_at=? WHERE job_id=?" + fence,
-                (state, reason, now, job.job_id, *args),
-            ).rowcount == 1
-            if not applied:
-                LOGGER.warning("Job %d of series %s (claim %d) was claimed again since; its "
-                               "outcome %s is not recorded", job.job_id,
-                               job.series_instance_uid, job.claim, state)
-                return False
-            db.execute(
-                "UPDATE series SET state=?, reason=?, updated_at=? WHERE study_instance_uid=? "
-                "AND series_instance_uid=? AND generation=? AND state='processing'",
-                (state, reason, now, job.study_instance_uid, job.series_instance_uid,
-                 job.generation),
-            )
+        now = db.now()
+        if db.execute("UPDATE jobs SET state=?, reason=?, lease_owner=NULL, "
+                      "lease_expires_at=NULL, updated_at=? WHERE job_id=?" + fence,
+                      (state, reason, now, job.job_id, *args)).rowcount != 1:
+            LOGGER.warning("Job %d of series %s (claim %d) was claimed again since; its "
+                           "outcome %s is not recorded", job.job_id,
+                           job.series_instance_uid, job.claim, state)
+            return False
+        db.execute(
+            "UPDATE series SET state=?, reason=?, updated_at=? WHERE study_instance_uid=? "
+            "AND series_instance_uid=? AND generation=? AND state='processing'",
+            (state, reason, now, job.study_instance_uid, job.series_instance_uid,
+             job.generation),
+        )
         return True
 
     # -- timeline --------------------------------------------------------------------
