@@ -95,6 +95,9 @@ class NodeSettings(_Frozen):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     #: On SIGTERM: in-flight C-STOREs, the model run and deliveries get this long to end.
     shutdown_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    #: This node's name on the claims it holds in a shared store (None: host name and
+    #: process id). A node restarted under the same id takes back its own claims at once.
+    id: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     #: pynetdicom transport tuning (dcn_node/net/transport_tuning.py): event-driven waits
     #: instead of 1 ms polling sleeps, and C-STORE responses encoded directly. Bulk socket
     #: reads (which carry the PDU size limit) are always on.
@@ -124,6 +127,11 @@ class StoreSettings(_Frozen):
     #: tables in that database, shared by the nodes of a cluster (needs the ``cluster``
     #: extra, psycopg). Received files and results stay in the spool folder either way.
     url: str | None = None
+    #: How long a node's claim on a job or a delivery holds without being renewed (the
+    #: holder renews it every third of this while it works). With PostgreSQL only: a
+    #: node that stops renewing (crashed, cut off) leaves its work to the others after
+    #: this long. SQLite's index is one node's: its claims hold until the node restarts.
+    lease_seconds: Annotated[float, Field(gt=0)] = 60.0
 
     @field_validator("url")
     @classmethod

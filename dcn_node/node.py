@@ -39,6 +39,7 @@ from dcn_node.pipeline.encoder import ResultEncoder
 from dcn_node.pipeline.series import SeriesAssembler
 from dcn_node.pipeline.summary import build_summary, log_summary
 from dcn_node.pipeline.worker import ModelWorker
+from dcn_node.store.lease import default_node_id
 from dcn_node.store.outbox import Backlog, Delivery, Outbox
 from dcn_node.store.quarantine import Quarantine
 from dcn_node.store.spool import Job, Spool
@@ -84,6 +85,10 @@ class Node:
         self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync,
                            url=settings.store.url)
         self.outbox = Outbox(self.spool)
+        #: This node's name on its claims; leases only in a store nodes share (SQLite's
+        #: index is one node's: its claims hold until it finishes or restarts).
+        self.node_id = settings.node.id or default_node_id()
+        lease = settings.store.lease_seconds if settings.store.url else None
         self.metrics = NodeMetrics({d.name: d.kinds for d in settings.destinations},
                                    min_free_bytes=settings.storage.min_free_bytes,
                                    state=self.state)
@@ -105,11 +110,13 @@ class Node:
                                      on_finished=self._job_finished)
         self.worker = ModelWorker(self.spool, self._make_engine, on_result=self.encoder.submit,
                                   on_timing=m.record_stage, on_finished=self._job_finished,
-                                  on_engine_loaded=self._engine_loaded)
+                                  on_engine_loaded=self._engine_loaded,
+                                  owner=self.node_id, lease_seconds=lease)
         calling_ae = settings.sender.calling_ae_title or settings.node.ae_title
         self.senders = [
             DestinationSender(self.outbox, destination, settings.sender, calling_ae,
-                              on_delivered=self._delivered, on_outcome=self._delivery_outcome)
+                              on_delivered=self._delivered, on_outcome=self._delivery_outcome,
+                              owner=self.node_id, lease_seconds=lease)
             for destination in settings.destinations
         ]
         self.metrics_server = (
@@ -126,7 +133,9 @@ class Node:
     def start(self) -> None:
         """Recover the spool, start the HTTP endpoint (not ready yet), start listening and
         start every stage."""
-        self.spool.recover()
+        # Only this node's work and work whose lease ran out: other nodes' is theirs.
+        self.spool.recover(self.node_id)
+        self.outbox.release(self.node_id)
         if self.metrics_server is not None:
             self.metrics_server.start()
         self.receiver.start()

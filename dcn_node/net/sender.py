@@ -1,9 +1,11 @@
 """The C-STORE SCU: delivers the outbox to each destination, with retries.
 
 One thread per destination, so a PACS that is down or slow delays only its own results.
-Each pass takes the due deliveries, opens one association per result set (proposing, for
-each SOP class, the file's own transfer syntax and the two uncompressed ones, so the peer
-picks what it accepts), sends the objects in order and releases. Outcomes:
+Each pass claims the due deliveries in the node's name (:meth:`Outbox.claim`; under a
+lease, renewed while the pass runs, when the store is shared), opens one association per
+result set (proposing, for each SOP class, the file's own transfer syntax and the two
+uncompressed ones, so the peer picks what it accepts), sends the objects in order and
+releases. Outcomes (recorded only while the delivery is still this node's claim):
 
 - Success or Warning status: ``sent``.
 - Out of resources (0xA7xx), resource limitation (0x0213), processing failure (0x0110),
@@ -20,7 +22,6 @@ import random
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from itertools import groupby
 
@@ -33,6 +34,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dcn_node.config import Destination, SenderSettings
 from dcn_node.net import transport_tuning
+from dcn_node.store.lease import LeaseKeeper, default_node_id
 from dcn_node.store.outbox import Delivery, Outbox
 
 LOGGER = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ class DestinationSender:
         Retry and timeout settings.
     calling_ae_title:
         Our AE title on these associations.
+    owner, lease_seconds:
+        The node's name on its claims (default: :func:`default_node_id`), and how long a
+        claim holds unless renewed (None: until an outcome; one node, SQLite).
     """
 
     def __init__(
@@ -106,8 +111,12 @@ class DestinationSender:
         *,
         on_delivered: DeliveredCallback | None = None,
         on_outcome: OutcomeCallback | None = None,
+        owner: str | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
         self.outbox = outbox
+        self.owner = owner or default_node_id()
+        self.lease_seconds = lease_seconds
         self.destination = destination
         self.settings = settings
         self.calling_ae_title = calling_ae_title
@@ -147,18 +156,32 @@ class DestinationSender:
             except Exception:  # keep delivering; the reason goes to the log
                 LOGGER.exception("Sender %s: unexpected error", self.destination.name)
             next_at = self.outbox.next_attempt_at(self.destination.name)
-            wait = 5.0 if next_at is None else min(5.0, max(0.0, next_at - time.time()))
+            wait = 5.0 if next_at is None else \
+                min(5.0, max(0.05, next_at - self.outbox.spool.now()))
             if wait > 0:
                 self._wake.wait(wait)
             self._wake.clear()
 
     def send_due(self) -> None:
-        """One pass: every due delivery, one association per result set."""
-        due = self.outbox.due(self.destination.name)
-        for _, group in groupby(due, key=lambda d: d.result_set_id):
-            if self._stop.is_set():
-                return
-            self._send_result_set(list(group))
+        """One pass: every due delivery, claimed, one association per result set; what
+        the pass leaves unsent (stopping) is released for the next claim."""
+        name, lease = self.destination.name, self.lease_seconds
+        due = self.outbox.claim(name, self.owner, lease)
+        if not due:
+            return
+        keeper = None
+        if lease is not None:
+            keeper = LeaseKeeper(lease / 3, name=f"sender-{name}-leases")
+            keeper.hold(name, lambda: self.outbox.renew(name, self.owner, lease) > 0)
+        try:
+            for _, group in groupby(due, key=lambda d: d.result_set_id):
+                if self._stop.is_set():
+                    return
+                self._send_result_set(list(group))
+        finally:
+            if keeper is not None:
+                keeper.stop()
+            self.outbox.release(self.owner, name)
 
     def _send_result_set(self, deliveries: list[Delivery]) -> None:
         datasets: dict[int, pydicom.Dataset] = {}
@@ -262,7 +285,7 @@ class DestinationSender:
         status = int(status)
         comment = str(response.get("ErrorComment", "") or "")
         if status == 0x0000 or (status & 0xF000) == 0xB000 or status == 0x0001:
-            complete = self.outbox.mark_sent(delivery)
+            complete = self.outbox.mark_sent(delivery, owner=self.owner)
             if self._on_delivered is not None:
                 self._on_delivered(delivery, complete)
             self._outcome(delivery, "sent")
@@ -279,7 +302,7 @@ class DestinationSender:
     def _retry_together(self, deliveries: list[Delivery], error: str) -> None:
         """Schedule the next attempt of objects that failed together at one time (one
         jitter draw), so that they go out again over one association."""
-        now = time.time()
+        now = self.outbox.spool.now()  # the database's clock on PostgreSQL, as created_at
         waiting = []
         for delivery in deliveries:
             age = now - delivery.created_at
@@ -293,7 +316,7 @@ class DestinationSender:
         attempts = max(d.attempts for d in waiting) + 1
         delay = backoff_seconds(attempts, self.settings, self._rng)
         for delivery in waiting:
-            self.outbox.mark_retry(delivery, error, now + delay)
+            self.outbox.mark_retry(delivery, error, now + delay, owner=self.owner)
             self._outcome(delivery, "retry")
         first = waiting[0]
         LOGGER.warning("Sender %s: %d object(s) of series %s not delivered (%s); retry in "
@@ -301,7 +324,7 @@ class DestinationSender:
                        first.series_instance_uid, error, delay)
 
     def _dead(self, delivery: Delivery, reason: str) -> None:
-        self.outbox.mark_dead(delivery, reason)
+        self.outbox.mark_dead(delivery, reason, owner=self.owner)
         LOGGER.error("Sender %s: %s %s of series %s is a dead letter: %s",
                      self.destination.name, delivery.kind, delivery.sop_instance_uid,
                      delivery.series_instance_uid, reason)

@@ -2,9 +2,11 @@
 
 Runs on its own thread behind a small bounded queue, so the model worker goes on with the
 next series while the objects of the last one are encoded (and waits when encoding falls
-behind). A job is marked ``done`` only once its result set is recorded in the outbox; if
-the node stops in between, the job is still ``processing`` and runs again after the
+behind). A job is marked ``done`` in the transaction that records its result set in the
+outbox; if the node stops before, the job is still ``processing`` and runs again after the
 restart (the model is deterministic and the object UIDs are too, so nothing duplicates).
+That transaction is fenced by the job's claim: a worker whose lease ran out, and whose
+job another node claimed, records nothing (the other node's result set is the one).
 """
 
 from __future__ import annotations
@@ -117,20 +119,21 @@ class ResultEncoder:
                 for kind, ds, path in _objects_with_paths(result_set, paths)
             ]
             destinations = {d.name: d.kinds for d in self.settings.destinations}
-            self.outbox.record_result_set(job, out_dir / "dicom", objects, destinations)
+            if self.outbox.record_result_set(job, out_dir / "dicom", objects, destinations,
+                                             finish=True) is None:
+                return  # the job is another claim's now: its outcome is that one's
             self.spool.record_event(job.study_instance_uid, job.series_instance_uid,
                                     job.generation, "results_recorded",
                                     f"{len(objects)} objects")
         except Exception as exc:  # this job fails with its reason; the node carries on
             reason = f"encoding results: {type(exc).__name__}: {exc}"[:500]
             LOGGER.exception("Series %s failed: %s", job.series_instance_uid, reason)
-            self.spool.finish_job(job, "failed", reason)
-            if self._on_finished is not None:
+            if self.spool.finish_job(job, "failed", reason) and \
+                    self._on_finished is not None:
                 self._on_finished(job, "failed", reason, FailureReason.ENCODING_ERROR)
             return
         if self._on_timing is not None:
             self._on_timing("encoding", time.perf_counter() - started)
-        self.spool.finish_job(job, "done")
         LOGGER.info("Series %s: %d result objects recorded for %d destination(s)",
                     job.series_instance_uid, len(objects), len(destinations))
         if self._on_finished is not None:

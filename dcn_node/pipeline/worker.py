@@ -2,6 +2,10 @@
 
 One model run at a time by default, on its own thread: receiving never waits on it. A
 failure marks the job and series ``failed`` with the reason, and the worker carries on.
+Jobs are claimed in the node's name; in a shared store under a lease that a
+:class:`~dcn_node.store.lease.LeaseKeeper` renews until the job is finished (here or by
+the encode stage), so that no other node takes it meanwhile, and an outcome is recorded
+only by the job's latest claim.
 Results of each run are kept in the spool (``results/<series>/<generation>/``) as
 ``summary.json`` and ``masks.npz``, as ``dcn-node analyze`` writes them.
 """
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dcn_node.errors import FailureReason
+from dcn_node.store.lease import LeaseKeeper, default_node_id
 from dcn_node.store.spool import Job, Spool
 
 if TYPE_CHECKING:  # torch is imported when the engine is, not with the worker
@@ -53,6 +58,10 @@ class ModelWorker:
     on_timing, on_finished, on_engine_loaded:
         Optional observers (metrics, the per-series summary): stage timings, jobs this
         worker finished, the engine once loaded.
+    owner, lease_seconds:
+        The node's name on its claims (default: :func:`default_node_id`), and how long a
+        claim holds unless renewed (None: until the job finishes or the node restarts;
+        one node, SQLite).
 
     The engine is loaded when the thread starts, so readiness can report the model; if
     that fails, each job tries again and fails with the reason.
@@ -68,8 +77,13 @@ class ModelWorker:
         on_timing: TimingCallback | None = None,
         on_finished: FinishedCallback | None = None,
         on_engine_loaded: Callable[[Engine], None] | None = None,
+        owner: str | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
         self.spool = spool
+        self.owner = owner or default_node_id()
+        self.lease_seconds = lease_seconds
+        self._leases = None if lease_seconds is None else LeaseKeeper(lease_seconds / 3)
         self._engine_factory = engine_factory
         self._engine: Engine | None = None
         #: Why the engine could not be loaded (None: loaded, or not tried yet).
@@ -114,6 +128,8 @@ class ModelWorker:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        if self._leases is not None:
+            self._leases.stop()
 
     def _run(self) -> None:
         try:
@@ -121,12 +137,21 @@ class ModelWorker:
         except Exception:  # the node still receives; jobs fail with the reason
             LOGGER.exception("Model not loaded: %s", self.engine_error)
         while not self._stop.is_set():
-            job = self.spool.claim_next_job()
+            job = self.spool.claim_next_job(self.owner, self.lease_seconds)
             if job is None:
                 self._wake.wait(self._poll_seconds)
                 self._wake.clear()
                 continue
+            self.hold(job)
             self.process(job)
+
+    def hold(self, job: Job) -> None:
+        """Keep renewing the lease of ``job`` (a claim of this worker's) until it is
+        finished, here or by the encode stage (no lease: nothing to renew)."""
+        lease, leases = self.lease_seconds, self._leases
+        if leases is not None and lease is not None:
+            leases.hold((job.job_id, job.claim),
+                        lambda: self.spool.renew_lease(job, lease))
 
     def process(self, job: Job) -> None:
         """Run one job: analysis, then either done or handed to the encode stage."""
@@ -155,15 +180,14 @@ class ModelWorker:
             reason = f"{type(exc).__name__}: {exc}"[:500]
             LOGGER.exception("Series %s failed: %s", series, reason)
             _release_memory()
-            self.spool.finish_job(job, "failed", reason)
-            if self._on_finished is not None:
+            if self.spool.finish_job(job, "failed", reason) and \
+                    self._on_finished is not None:
                 self._on_finished(job, "failed", reason, FailureReason.of_analysis(exc))
             return
         LOGGER.info("Series %s analyzed: %s in %.1f s", series, _outcome(summary),
                     summary["seconds"])
         if self._on_result is None:
-            self.spool.finish_job(job, "done")
-            if self._on_finished is not None:
+            if self.spool.finish_job(job, "done") and self._on_finished is not None:
                 self._on_finished(job, "done", None, None)
         else:
             # The encode stage finishes the job once its results are recorded.
