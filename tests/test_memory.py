@@ -48,8 +48,10 @@ def test_labels_are_16_bit_until_there_are_too_many_parts() -> None:
 def test_work_grid_is_the_field_of_view_at_network_resolution() -> None:
     # 512 pixels of 0.7 mm (358 mm) on a 256 grid: the mask work runs on 256 x 256.
     assert GridGeometry.of((512, 512), 0.7, 256).work_shape == (256, 256)
-    # A small image is never enlarged for it.
+    # A small image is never enlarged for it, a cropped one never shrunk.
     assert GridGeometry.of((128, 128), 2.8, 256).work_shape == (128, 128)
+    assert GridGeometry.of((201, 204), 0.977, 256).work_shape == (201, 204)
+    assert GridGeometry.of((512, 400), 0.5, 256).work_shape == (256, 200)
 
 
 def test_masks_are_one_array_and_the_seg_takes_it_without_a_copy(

@@ -354,7 +354,8 @@ class Engine:
 
         Memory: the volume's HU are read slice batch by slice batch and never copied whole.
         Whole-volume mask work (anatomy, the lung constraint) runs on the *work grid*, the
-        field of view at the network's resolution (:attr:`GridGeometry.work_shape`); only
+        volume's pixels shrunk to at most the network's input size
+        (:attr:`GridGeometry.work_shape`); only
         the final lung and lesion masks are held at the volume's own size.
         """
         started = time.perf_counter()

@@ -82,10 +82,11 @@ class GridGeometry:
 
     @property
     def work_shape(self) -> tuple[int, int]:
-        """The field of view at the network's resolution, never above the volume's own:
-        where whole-volume mask work is done (a quarter of the voxels of a 512 x 512
-        series)."""
-        return (min(self.shape[0], self.inner[0]), min(self.shape[1], self.inner[1]))
+        """Where whole-volume mask work is done: the volume's own pixels, shrunk until the
+        longer side is at most the network's input size (a quarter of the voxels of a
+        512 x 512 series on a 256 grid; a small or cropped image keeps every pixel)."""
+        scale = min(1.0, self.size / max(self.shape))
+        return (max(1, round(self.shape[0] * scale)), max(1, round(self.shape[1] * scale)))
 
     def _window(self, side: int) -> tuple[slice, slice]:
         scale = side / self.size
