@@ -275,6 +275,12 @@ def test_delivery_outcomes_are_recorded_only_by_their_claimer(spool: Spool,
     box.mark_retry(held[1], "busy", now - 1, owner="node-b")
     assert box.counts() == {"pacs": {"pending": 1, "sent": 1}}
     assert box.release("node-b") == 0  # an outcome ended the lease already
+    again = box.claim("pacs", "node-b", lease_seconds=60.0)
+    assert [d.delivery_id for d in again] == [held[1].delivery_id]
+    assert box.mark_sent(again[0], owner="node-b")  # the set's last object: complete
+    # A late outcome from the claim taken over records nothing and completes nothing.
+    assert not box.mark_sent(stale[1], owner="node-a")
+    assert box.counts() == {"pacs": {"sent": 2}}
 
 
 def test_store_url_is_unset_by_default_and_only_postgresql() -> None:

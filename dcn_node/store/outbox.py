@@ -255,12 +255,14 @@ class Outbox:
         recorded only while the delivery is still ``owner``'s claim."""
         fence, args = _fence(owner)
         with self.spool.transaction() as db:
-            db.execute(
+            updated = db.execute(
                 "UPDATE deliveries SET state='sent', sent_at=?, attempts=attempts+1, "
                 "last_error=NULL, lease_owner=NULL, lease_expires_at=NULL "
                 "WHERE delivery_id=? AND state='pending'" + fence,
                 (db.now() if at is None else at, delivery.delivery_id, *args),
-            )
+            ).rowcount
+            if updated == 0:  # taken over or already recorded: this call completed nothing
+                return False
             left = db.execute(
                 "SELECT COUNT(*) FROM deliveries WHERE result_set_id=? AND destination=? "
                 "AND state='pending'",
