@@ -119,3 +119,17 @@ def test_another_highdicom_release_falls_back_to_its_own_class(monkeypatch, capl
         seg._segmentation_class.cache_clear()
     monkeypatch.undo()
     assert seg._segmentation_class() is seg._LowMemorySegmentation
+
+
+def test_lesion_regions_are_the_largest_count_of_many(tmp_path: Path) -> None:
+    """Labelling inside the lesions' bounding box still returns only the ``count`` largest."""
+    from dcn_node.results.regions import lesion_regions
+    from tests.dicom_factory import write_files
+
+    volume = load_series(write_files(ct_series(4), tmp_path / "ct"))  # 4 x 32 x 32
+    lesion = np.zeros(volume.hu.shape, bool)
+    for k in range(7):  # seven separate lesions, 2 pixels apart, k + 1 rows high
+        lesion[1, 4 * k:4 * k + 2, 2:3 + k] = True
+    regions = lesion_regions(volume, lesion, np.ones_like(lesion), 5)
+    assert len(regions) == 5
+    assert [r.voxels for r in regions] == [14, 12, 10, 8, 6]

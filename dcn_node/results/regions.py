@@ -22,7 +22,7 @@ import contourpy
 import numpy as np
 from scipy import ndimage
 
-from dcn_node.inference.anatomy import label_3d
+from dcn_node.inference.anatomy import label_3d, label_sums
 from dcn_node.results import common
 from dcn_node.volume import Volume
 
@@ -65,16 +65,11 @@ def lesion_regions(volume: Volume, lesion: np.ndarray, lung: np.ndarray, count: 
         return []
     # Labelled inside the lesions' bounding box, 16-bit where that suffices: the labels
     # are the largest array made here (a whole-volume int32 copy would be 4 bytes a voxel).
-    corner = [int(np.flatnonzero(lesion.any(axis=others))[0])
-              for others in ((1, 2), (0, 2), (0, 1))]
-    end = [int(np.flatnonzero(lesion.any(axis=others))[-1]) + 1
-           for others in ((1, 2), (0, 2), (0, 1))]
-    box = tuple(slice(a, b) for a, b in zip(corner, end, strict=True))
-    labels, count = label_3d(lesion[box], np.ones((3, 3, 3), bool))
-    sizes = np.zeros(count + 1, np.int64)
-    for start in range(0, len(labels), 16):  # bincount counts in 64-bit: a few slices at a time
-        sizes += np.bincount(labels[start:start + 16].ravel(), minlength=count + 1)
-    sizes = sizes[1:]
+    extents = [np.flatnonzero(lesion.any(axis=others)) for others in ((1, 2), (0, 2), (0, 1))]
+    corner = [int(extent[0]) for extent in extents]
+    box = tuple(slice(int(extent[0]), int(extent[-1]) + 1) for extent in extents)
+    labels, parts = label_3d(lesion[box], np.ones((3, 3, 3), bool))
+    sizes = label_sums(labels, parts)[0][1:].astype(np.int64)
     boxes = ndimage.find_objects(labels)
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
     # Columns run towards the patient's left when the row direction is L (Image
