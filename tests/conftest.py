@@ -18,6 +18,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage
 
 from dcn_node.config import Settings, parse_settings
+from dcn_node.net.sender import keep_rejects
 from dcn_node.node import Node
 from tests.postgres import postgres_server, store_url  # noqa: F401  (one server a session)
 
@@ -115,26 +116,17 @@ def associate(ae: AE, port: int, *, called_aet: str = NODE_AET,
     """``ae.associate`` with the node on loopback; raises :class:`AssociationRejected`
     with (result, source, diagnostic) of the A-ASSOCIATE-RJ the node sent.
 
-    The reject is read as it came off the wire: pynetdicom 3.0.4's requestor reports a
-    received A-ASSOCIATE-RJ as an abort when its DUL thread has already closed the socket
-    (AE-4) before the user thread checks ``_is_connected`` (about once in a thousand
-    refusals on a loaded 2-core machine).
+    The reject is read as it came off the wire (:func:`dcn_node.net.sender.keep_rejects`):
+    pynetdicom's requestor may report it as an abort (about once in a thousand refusals on
+    a loaded 2-core machine).
     """
     rejects: list[A_ASSOCIATE_RJ] = []
     assoc = ae.associate("127.0.0.1", port, ae_title=called_aet,
-                         evt_handlers=[(evt.EVT_PDU_RECV, _keep_reject(rejects)), *handlers])
+                         evt_handlers=[(evt.EVT_PDU_RECV, keep_rejects(rejects)), *handlers])
     if rejects:
         answer = rejects[0]
         raise AssociationRejected((answer.result, answer.source, answer.reason_diagnostic))
     return assoc
-
-
-def _keep_reject(rejects: list[A_ASSOCIATE_RJ]) -> Callable[[evt.Event], None]:
-    def _on_pdu(event: evt.Event) -> None:
-        if isinstance(event.pdu, A_ASSOCIATE_RJ):
-            rejects.append(event.pdu)
-
-    return _on_pdu
 
 
 def _set_tcp_nodelay(event: evt.Event) -> None:

@@ -54,6 +54,22 @@ def label_3d(mask: np.ndarray, structure: np.ndarray = _STRUCT_3D) -> tuple[np.n
     return labels, int(count)
 
 
+def label_sums(labels: np.ndarray, count: int, values: np.ndarray | None = None,
+               floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels, sum of ``values`` raised to ``floor``) per label 0..count, float64; the sums
+    are zero without ``values``. Counted a few slices at a time: bincount works in 64 bits,
+    8 bytes a voxel."""
+    sizes, sums = np.zeros(count + 1), np.zeros(count + 1)
+    for start in range(0, labels.shape[0], _CHUNK_SLICES):
+        part = labels[start:start + _CHUNK_SLICES].ravel()
+        sizes += np.bincount(part, minlength=count + 1)
+        if values is not None:
+            chunk = values[start:start + _CHUNK_SLICES]
+            weights = chunk if floor is None else np.maximum(chunk, floor)
+            sums += np.bincount(part, weights=weights.ravel(), minlength=count + 1)
+    return sizes, sums
+
+
 def _disk(radius_px: int) -> np.ndarray:
     r = max(1, int(radius_px))
     y, x = np.ogrid[-r:r + 1, -r:r + 1]
@@ -159,15 +175,7 @@ def _keep_components(mask: np.ndarray, voxel_ml: float, values: np.ndarray,
     labels, count = label_3d(mask)
     if count == 0:
         return np.zeros(mask.shape, dtype=bool)
-    sizes = np.zeros(count + 1)
-    sums = np.zeros(count + 1)
-    # A few slices at a time: bincount's weights are float64, 8 bytes a voxel.
-    for start in range(0, mask.shape[0], _CHUNK_SLICES):
-        part = labels[start:start + _CHUNK_SLICES].ravel()
-        chunk = values[start:start + _CHUNK_SLICES]
-        weights = chunk if floor is None else np.maximum(chunk, floor)
-        sizes += np.bincount(part, minlength=count + 1)
-        sums += np.bincount(part, weights=weights.ravel(), minlength=count + 1)
+    sizes, sums = label_sums(labels, count, values, floor)
     sizes[0] = 0
     keep = (sizes * voxel_ml >= MIN_PART_ML) & (sizes >= MIN_PART_FRACTION * sizes.max()) \
         & (sums >= min_mean * np.maximum(sizes, 1))

@@ -402,7 +402,7 @@ class Engine:
         lesion, lung = masks[..., 0], masks[..., 1]
         for part in _batches(slices, self.batch_size):
             lung[part] = _at_least(lung_prob[part], hu.shape[1:], self.threshold)
-        del lung_prob
+        del lung_prob, lung_work
         trim()
         timings["lung_segmentation"] = time.perf_counter() - mark
 
@@ -413,14 +413,11 @@ class Engine:
                                dtype=torch.bool)
         for part in _batches(slices, self.batch_size):
             lung_net[part] = geometry.to_grid(torch.from_numpy(lung[part]), masks=True)
-        del lung_work
-        trim()
         keep = torch.nonzero(lung_net.flatten(1).any(1)).flatten()
         slice_prob = torch.zeros(slices)
         lesion_prob = np.zeros((slices, *geometry.inner), np.float16)
-        attention = [np.zeros((slices, *geometry.crop_to_field_of_view(
-            torch.zeros(1, side, side)).shape[1:]), np.float32)
-            for side in self.dcn.attention_sizes(self.profile.input_size)]
+        attention = [np.zeros((slices, *geometry.field_of_view_shape(side)), np.float32)
+                     for side in self.dcn.attention_sizes(self.profile.input_size)]
         upsampling = 0.0
         for index, batch_probability, lesion_batch, alphas in dcn_batches(
                 self.dcn, lambda index: network_images(index) * lung_net[index], keep,

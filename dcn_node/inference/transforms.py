@@ -88,9 +88,13 @@ class GridGeometry:
         scale = min(1.0, self.size / max(self.shape))
         return (max(1, round(self.shape[0] * scale)), max(1, round(self.shape[1] * scale)))
 
-    def _window(self, side: int) -> tuple[slice, slice]:
+    def field_of_view_shape(self, side: int) -> tuple[int, int]:
+        """The (rows, columns) of a (side, side) network-grid map that cover the volume."""
         scale = side / self.size
-        rows, columns = (max(1, round(n * scale)) for n in self.inner)
+        return (max(1, round(self.inner[0] * scale)), max(1, round(self.inner[1] * scale)))
+
+    def _window(self, side: int) -> tuple[slice, slice]:
+        rows, columns = self.field_of_view_shape(side)
         top, left = (side - rows) // 2, (side - columns) // 2
         return slice(top, top + rows), slice(left, left + columns)
 
@@ -121,7 +125,7 @@ class GridGeometry:
 class NetworkGrid(GridGeometry):
     """Slices on the network's (S, S) grid (``images``), and how to map results back."""
 
-    images: torch.Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
+    images: torch.Tensor = field(repr=False)
 
 
 def _inner_shape(shape: tuple[int, int], pixel_spacing_mm: float | None, size: int
@@ -141,9 +145,3 @@ def to_network_grid(slices: torch.Tensor, pixel_spacing_mm: float | None, size: 
                                pixel_spacing_mm, size)
     return NetworkGrid(geometry.shape, geometry.inner, size,
                        geometry.to_grid(slices, masks=masks))
-
-
-def from_network_grid(probabilities: torch.Tensor, grid: GridGeometry) -> torch.Tensor:
-    """(N, S, S) network outputs back to the volume's (N, rows, columns), bilinear."""
-    rows, columns = grid._window(probabilities.shape[-1])
-    return probabilities_to_shape(probabilities[:, rows, columns].contiguous(), grid.shape)

@@ -63,6 +63,18 @@ def backoff_seconds(attempts: int, settings: SenderSettings, rng: random.Random)
     return min(base, settings.retry_max_interval_seconds) * rng.uniform(0.75, 1.25)
 
 
+def keep_rejects(rejects: list[A_ASSOCIATE_RJ]) -> Callable[[evt.Event], None]:
+    """An EVT_PDU_RECV handler that keeps each A-ASSOCIATE-RJ received in ``rejects``: the
+    reject as it came off the wire. pynetdicom 3.0.4's requestor reports a received reject as
+    an abort when its DUL thread closed the socket (AE-4) before the user thread looked."""
+
+    def on_pdu(event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejects.append(event.pdu)
+
+    return on_pdu
+
+
 def _tcp_nodelay(event: evt.Event) -> None:
     # Without it, small PDUs wait for delayed ACKs (~40 ms each on Linux loopback).
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
@@ -231,14 +243,9 @@ class DestinationSender:
             contexts.extend(build_context(sop_class, ts) for ts in transfer_syntaxes)
         if len(contexts) > 128:
             raise TransientError("too many presentation contexts")
-        # The reject as it came off the wire: pynetdicom 3.0.4 may report a received
-        # A-ASSOCIATE-RJ as an abort when its DUL closed the socket first.
         rejects: list[A_ASSOCIATE_RJ] = []
         handlers: list[evt.EventHandlerType] = [
-            (evt.EVT_CONN_OPEN, _tcp_nodelay),
-            (evt.EVT_PDU_RECV, lambda event: rejects.extend(
-                [event.pdu] if isinstance(event.pdu, A_ASSOCIATE_RJ) else [])),
-        ]
+            (evt.EVT_CONN_OPEN, _tcp_nodelay), (evt.EVT_PDU_RECV, keep_rejects(rejects))]
         try:
             assoc = ae.associate(
                 dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title,
