@@ -82,12 +82,13 @@ class Node:
                  engine_factory: Callable[[], Engine] | None = None) -> None:
         self.settings = settings
         self._engine_factory = engine_factory
-        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync,
-                           url=settings.store.url)
-        self.outbox = Outbox(self.spool)
-        #: This node's name on its claims; leases only in a store nodes share (SQLite's
-        #: index is one node's: its claims hold until it finishes or restarts).
+        #: This node's name on its claims and temporary files; leases only in a store
+        #: nodes share (SQLite's index is one node's: its claims hold until it finishes
+        #: or restarts).
         self.node_id = settings.node.id or default_node_id()
+        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync,
+                           url=settings.store.url, node_id=self.node_id)
+        self.outbox = Outbox(self.spool)
         lease = settings.store.lease_seconds if settings.store.url else None
         self.metrics = NodeMetrics({d.name: d.kinds for d in settings.destinations},
                                    min_free_bytes=settings.storage.min_free_bytes,
@@ -98,7 +99,8 @@ class Node:
                                      settings.storage.quarantine_max_bytes,
                                      fsync=settings.storage.fsync,
                                      on_quarantined=m.record_quarantined,
-                                     on_skipped=m.record_quarantine_skipped)
+                                     on_skipped=m.record_quarantine_skipped,
+                                     node_files=self.spool.node_files)
         self.receiver = StorageSCP(settings, self.spool, admission_check=self._admission,
                                    on_association=m.record_association,
                                    on_store_status=m.record_store,

@@ -14,6 +14,8 @@ node never reads patient names, IDs or birth dates from a dataset.
 
 Each file goes through a temporary file renamed into place (fsynced with
 ``storage.fsync``), data file first, sidecar last: a ``.json`` names a complete data file.
+Temporary files carry their node's name: in a spool folder shared by the nodes of a
+cluster, start-up removes only this node's and stale ones (store/shared_folder.py).
 The whole quarantine is kept under ``storage.quarantine_max_bytes`` (0: off); an instance
 that would go over it is logged and not written. Nothing here raises: a failed write is
 logged and counted, and the refusal is answered as it would have been without it.
@@ -33,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dcn_node.header import is_valid_uid
+from dcn_node.store.lease import default_node_id
+from dcn_node.store.shared_folder import NodeFiles
 from dcn_node.store.spool import fsync_folder, write_parts
 
 LOGGER = logging.getLogger(__name__)
@@ -102,12 +106,18 @@ class Quarantine:
         Told the reason code of each instance kept (metrics).
     on_skipped:
         Told why a refused instance was not kept: ``full`` or ``write_error`` (metrics).
+    node_files:
+        How this node names its temporary files and which leftovers it may remove (the
+        spool's, :attr:`Spool.node_files <dcn_node.store.spool.Spool.node_files>`;
+        default: a folder this node alone writes in).
     """
 
     def __init__(self, spool_dir: Path | str, max_bytes: int, *, fsync: bool = False,
                  on_quarantined: Callable[[str], None] | None = None,
-                 on_skipped: Callable[[str], None] | None = None) -> None:
+                 on_skipped: Callable[[str], None] | None = None,
+                 node_files: NodeFiles | None = None) -> None:
         self.root = Path(spool_dir) / QUARANTINE_DIR
+        self.node_files = node_files or NodeFiles(default_node_id(), shared=False)
         self.max_bytes = max_bytes
         self.fsync = fsync
         self._on_quarantined = on_quarantined
@@ -132,7 +142,7 @@ class Quarantine:
         return self._used_bytes
 
     def _remove_temporary_files(self) -> None:
-        for temp in self.root.glob("*/.*.tmp"):
+        for temp in self.node_files.temp_leftovers(self.root.glob("*/.*.tmp")):
             temp.unlink(missing_ok=True)
 
     def _rescan(self) -> None:
@@ -237,7 +247,8 @@ class Quarantine:
         return (json.dumps(record, indent=2) + "\n").encode("utf-8")
 
     def _write(self, path: Path, parts: tuple[bytes | memoryview, ...]) -> None:
-        temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        temp = path.parent / self.node_files.temp_name(path.name, uuid.uuid4().hex,
+                                                       hidden=True)
         write_parts(temp, parts, fsync=self.fsync)
         try:
             os.replace(temp, path)

@@ -2,7 +2,8 @@
 
 Layout under ``storage.spool_dir``::
 
-    incoming/                 temp files being written (removed at start-up)
+    incoming/                 temp files being written, named after their node (a node's
+                              own are removed at its start-up: store/shared_folder.py)
     instances/<study>/<series>/<sop>.dcm
     index.sqlite3             instances, series, jobs (WAL journal); or, with ``store.url``,
                               the same tables in PostgreSQL (dcn_node/store/database.py)
@@ -11,6 +12,8 @@ An instance is written to ``incoming/``, optionally fsynced, renamed into ``inst
 and recorded in SQLite, all before the C-STORE is answered Success. Rename and commit are
 atomic, so after a crash an instance is either fully there or was never acknowledged.
 A file renamed in but not yet recorded (crash between the two) is indexed at start-up.
+With a PostgreSQL store, several nodes may share the spool folder: start-up then leaves
+alone what another node may be writing (:class:`~dcn_node.store.shared_folder.NodeFiles`).
 
 On SQLite all writes go through one connection behind a lock: SQLite serialises writers
 anyway and one connection keeps the commit cost to a single WAL append. On PostgreSQL the
@@ -33,6 +36,8 @@ from pathlib import Path
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, read_header_from_file
 from dcn_node.store.database import Transaction, open_index
+from dcn_node.store.lease import default_node_id
+from dcn_node.store.shared_folder import NodeFiles
 
 LOGGER = logging.getLogger(__name__)
 
@@ -155,12 +160,18 @@ class Spool:
     fsync:
         fsync each file, its folder and every commit before returning (power-loss safe).
     url:
-        A PostgreSQL URL (``store.url``) holding the index instead of ``index.sqlite3``.
+        A PostgreSQL URL (``store.url``) holding the index instead of ``index.sqlite3``;
+        the spool folder may then be shared by the nodes using that database.
+    node_id:
+        This node's id, in the names of its temporary files (default: a new
+        :func:`~dcn_node.store.lease.default_node_id`).
     """
 
     def __init__(self, spool_dir: Path | str, *, fsync: bool = False,
-                 url: str | None = None) -> None:
+                 url: str | None = None, node_id: str | None = None) -> None:
         self.root = Path(spool_dir)
+        #: This node's temporary files, and which leftovers in the folder it may take.
+        self.node_files = NodeFiles(node_id or default_node_id(), shared=url is not None)
         self.fsync = fsync
         self.incoming_dir = self.root / "incoming"
         self.instances_dir = self.root / "instances"
@@ -205,7 +216,7 @@ class Spool:
         """Write ``parts`` to ``path`` atomically; return the size. Leaves nothing behind
         on failure."""
         folder = path.parent
-        temp = self.incoming_dir / f"{path.name}.{threading.get_ident()}.tmp"
+        temp = self.incoming_dir / self.node_files.temp_name(path.name, threading.get_ident())
         try:
             size = write_parts(temp, parts, fsync=self.fsync)
             try:
@@ -351,19 +362,25 @@ class Spool:
         recorded, restarts the quiet timer of series still receiving (their senders
         could not reach us while we were down) and queues again the jobs cut short: those
         claimed without a lease, under one that ran out, or by ``owner`` (this node).
+
+        In a spool folder shared with other nodes (PostgreSQL store) a temp file is
+        removed, and an unrecorded file indexed, only when it is this node's or stale
+        (:class:`~dcn_node.store.shared_folder.NodeFiles`): another node may be writing
+        it, or about to record it, right now.
         """
-        for temp in self.incoming_dir.glob("*.tmp"):
+        for temp in self.node_files.temp_leftovers(self.incoming_dir.glob("*.tmp")):
             temp.unlink(missing_ok=True)
         known = {row[0] for row in self.query("SELECT path FROM instances")}
-        orphans = [p for p in self.instances_dir.glob("*/*/*.dcm") if str(p) not in known]
+        orphans = self.node_files.stale(
+            p for p in self.instances_dir.glob("*/*/*.dcm") if str(p) not in known)
         for path in orphans:
             try:
                 header, transfer_syntax = read_header_from_file(path)
             except InvalidInstanceError as exc:
                 LOGGER.warning("Spool file %s cannot be indexed (%s); left in place", path, exc)
                 continue
-            self._index_existing(path, header, transfer_syntax)
-            LOGGER.info("Indexed spool file %s written before a crash", path.name)
+            if self._index_existing(path, header, transfer_syntax):
+                LOGGER.info("Indexed spool file %s written before a crash", path.name)
         with self._transaction() as db:
             now = db.now()
             db.execute("UPDATE series SET quiet_since=? WHERE state='receiving'", (now,))
@@ -384,15 +401,23 @@ class Spool:
                 "AND j.series_instance_uid = series.series_instance_uid AND "
                 "j.generation = series.generation AND j.state = 'processing')")
 
-    def _index_existing(self, path: Path, header: InstanceHeader, transfer_syntax: str) -> None:
+    def _index_existing(self, path: Path, header: InstanceHeader, transfer_syntax: str
+                        ) -> bool:
+        """Index a file found in the spool unless its instance is indexed already (a
+        node recorded it since, or it was re-sent under another series and this is the
+        copy left behind): a file found never overwrites what a node recorded."""
         stat = path.stat()
         with self._transaction() as db:
+            if db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?"
+                          + self.dialect.lock_rows, (header.sop_instance_uid,)).fetchone():
+                return False
             self._upsert_instance(
                 db, header, path, stat.st_size, transfer_syntax, stat.st_mtime, ""
             )
             self._touch_series(
                 db, header.study_instance_uid, header.series_instance_uid, stat.st_mtime
             )
+        return True
 
     # -- series ------------------------------------------------------------------------
 
