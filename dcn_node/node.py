@@ -94,7 +94,8 @@ class Node:
                                    min_free_bytes=settings.storage.min_free_bytes,
                                    state=self.state)
         m = self.metrics
-        self.assembler = SeriesAssembler(self.spool, settings.completion, settings.selection)
+        self.assembler = SeriesAssembler(self.spool, settings.completion, settings.selection,
+                                         owner=self.node_id, lease_seconds=lease)
         self.quarantine = Quarantine(settings.storage.spool_dir,
                                      settings.storage.quarantine_max_bytes,
                                      fsync=settings.storage.fsync,

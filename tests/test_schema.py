@@ -349,3 +349,42 @@ def test_a_postgresql_database_at_version_1_takes_the_next_step_and_keeps_its_jo
     finally:
         spool.close()
     assert stored_version(tmp_path / "spool", url) == schema.SCHEMA_VERSION
+
+
+def test_an_index_at_version_2_takes_step_3_and_its_assessments_run_again(
+        tmp_path: Path, store_url: str | None) -> None:
+    """A series an older node was assessing (``complete``, no claim recorded) is taken
+    back by the first recovery after the upgrade, on either backend; assessments are
+    claimed from then on."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    series_row = (STUDY, SERIES, "complete", None, 1.0, 2.0, 2.0, None, 0, 3.0)
+    insert = "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?,?)"
+    if store_url is None:
+        db = sqlite3.connect(spool_dir / "index.sqlite3", isolation_level=None)
+        target = schema._Target(schema.SQLITE, db.execute)
+        for step in schema._STEPS[:2]:
+            step(target)
+        target.execute(insert, series_row)
+        db.execute("PRAGMA user_version = 2")
+        db.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as conn, conn.transaction():
+            target = schema._Target(schema.POSTGRESQL, conn.execute)
+            for step in schema._STEPS[:2]:
+                step(target)
+            target.execute(insert, series_row)
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO schema_version VALUES (2)")
+    spool = Spool(spool_dir, url=store_url)
+    try:
+        spool.recover("node-a")
+        (record,) = spool.list_series()
+        assert record.state == "receiving"
+        assert spool.claim_assessment(record, "node-a", lease_seconds=60.0)
+        assert spool.query("SELECT state, lease_owner FROM series") == [("complete", "node-a")]
+    finally:
+        spool.close()
+    assert stored_version(spool_dir, store_url) == schema.SCHEMA_VERSION == 3

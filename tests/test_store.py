@@ -131,6 +131,61 @@ def test_recovery_runs_unleased_and_expired_claims_again_not_live_leases(spool: 
         "queued"
 
 
+def series_record(spool: Spool, header: InstanceHeader) -> SeriesRecord:
+    record = spool.get_series(header.study_instance_uid, header.series_instance_uid)
+    assert record is not None
+    return record
+
+
+def test_a_series_is_assessed_by_one_claimer_until_its_lease_runs_out(spool: Spool) -> None:
+    header = received_series(spool, 3)[0]
+    record = series_record(spool, header)
+    assert spool.claim_assessment(record, "node-a", lease_seconds=-1.0)  # runs out at once
+    assert series_record(spool, header).state == "complete"
+    assert [s.series_instance_uid for s in spool.series_to_assess(spool.now())] == \
+        [header.series_instance_uid]  # anyone's to assess again
+    assert spool.claim_assessment(record, "node-b", lease_seconds=600.0)  # taken over
+    assert not spool.claim_assessment(record, "node-c", lease_seconds=600.0)
+    assert spool.series_to_assess(spool.now()) == []
+    # The claim taken over decides nothing; neither does a closer without a claim.
+    assert not spool.close_series(record, "rejected", "gap", enqueue=False, owner="node-a")
+    assert not spool.close_series(record, "rejected", "gap", enqueue=False)
+    assert spool.close_series(record, "queued", None, enqueue=True, owner="node-b")
+    assert (series_record(spool, header).state, spool.count_jobs("queued")) == ("queued", 1)
+    assert spool.query("SELECT lease_owner, lease_expires_at FROM series") == [(None, None)]
+
+
+def test_an_instance_arriving_during_an_assessment_wins(spool: Spool) -> None:
+    headers = [header_from_dataset(ds) for ds in ct_series(3)]
+    for header in headers[:2]:
+        store(spool, header)
+    record = series_record(spool, headers[0])
+    assert spool.claim_assessment(record, "node-a", lease_seconds=600.0)
+    store(spool, headers[2])  # reopens the series: generation 1, receiving
+    assert not spool.close_series(record, "queued", None, enqueue=True, owner="node-a")
+    reopened = series_record(spool, headers[0])
+    assert (reopened.state, reopened.generation) == ("receiving", 1)
+    assert spool.claim_assessment(reopened, "node-b", lease_seconds=600.0)
+
+
+def test_recovery_takes_back_this_nodes_and_expired_assessments_not_another_live_nodes(
+        spool: Spool) -> None:
+    mine, theirs, expired, unleased = (series_record(spool, received_series(spool, 1)[0])
+                                       for _ in range(4))
+    assert spool.claim_assessment(mine, "node-a", lease_seconds=600.0)
+    assert spool.claim_assessment(theirs, "node-b", lease_seconds=600.0)
+    assert spool.claim_assessment(expired, "node-c", lease_seconds=-1.0)
+    assert spool.claim_assessment(unleased, "node-d")  # one node: held until it decides
+    spool.recover("node-a")  # node-a restarted under its own id
+    states = {s.series_instance_uid: s.state for s in spool.list_series()}
+    assert states == {mine.series_instance_uid: "receiving",
+                      theirs.series_instance_uid: "complete",
+                      expired.series_instance_uid: "receiving",
+                      unleased.series_instance_uid: "receiving"}
+    # node-b, still at it, decides its series as if nobody had restarted.
+    assert spool.close_series(theirs, "queued", None, enqueue=True, owner="node-b")
+
+
 def test_a_stale_generations_claim_cannot_mark_a_newer_generation_done(spool: Spool) -> None:
     headers = [header_from_dataset(ds) for ds in ct_series(3)]
     for header in headers[:2]:

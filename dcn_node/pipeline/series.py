@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dcn_node.config import CompletionSettings, SelectionSettings
+from dcn_node.store.lease import default_node_id
 from dcn_node.store.spool import SeriesRecord, Spool, StoredInstance
 
 LOGGER = logging.getLogger(__name__)
@@ -203,20 +204,27 @@ class SeriesAssembler:
         The index of received instances and series.
     completion, selection:
         The ``completion`` and ``selection`` config sections.
+    owner, lease_seconds:
+        The node's name on the series it assesses (default: :func:`default_node_id`), and
+        how long such a claim holds (None: until decided or the node restarts; one node).
+        A series is assessed by one node at a time: the others pass it over.
     """
 
     def __init__(
-        self, spool: Spool, completion: CompletionSettings, selection: SelectionSettings
+        self, spool: Spool, completion: CompletionSettings, selection: SelectionSettings,
+        *, owner: str | None = None, lease_seconds: float | None = None,
     ) -> None:
         self.spool = spool
         self.completion = completion
         self.selection = selection
+        self.owner = owner or default_node_id()
+        self.lease_seconds = lease_seconds
 
     def check(self, now: float | None = None) -> list[tuple[SeriesRecord, Assessment]]:
         """Assess every series that is complete now; return what was decided."""
         now = time.time() if now is None else now
         decided = []
-        for record in self.spool.list_series("receiving"):
+        for record in self.spool.series_to_assess(now):
             quiet = now - record.quiet_since >= self.completion.quiet_seconds
             if not quiet and record.generation > 0:
                 # Reopened: the earlier instances already reach the announced count, so
@@ -224,20 +232,25 @@ class SeriesAssembler:
                 continue
             if not quiet and record.frames != record.announced_frames:
                 continue  # cheap test from the index; headers are loaded only when it may be done
-            instances = self.spool.series_instances(
-                record.study_instance_uid, record.series_instance_uid
-            )
+            instances = None
+            if not quiet:
+                instances = self._load(record)
+                if not instances or not self._announced_and_contiguous(instances):
+                    continue
+            if not self.spool.claim_assessment(record, self.owner, self.lease_seconds):
+                continue  # an instance arrived since, or another node is assessing it
+            instances = self._load(record) if instances is None else instances
             if not instances:
-                continue
-            if not quiet and not self._announced_and_contiguous(instances):
+                self.spool.release_assessment(record, self.owner)
                 continue
             how = "quiet period" if quiet else "announced count reached"
             assessment = self.assess(instances)
             applied = self.spool.close_series(
-                record, assessment.state, assessment.reason, enqueue=assessment.state == "queued"
+                record, assessment.state, assessment.reason,
+                enqueue=assessment.state == "queued", owner=self.owner,
             )
             if not applied:
-                continue  # an instance arrived meanwhile: assess again after it
+                continue  # an instance arrived meanwhile (or the claim was taken over)
             decided.append((record, assessment))
             LOGGER.info(
                 "Series %s complete (%s, %d instances, generation %d): %s%s",
@@ -249,6 +262,10 @@ class SeriesAssembler:
                 f" ({assessment.reason})" if assessment.reason else "",
             )
         return decided
+
+    def _load(self, record: SeriesRecord) -> list[StoredInstance]:
+        return self.spool.series_instances(record.study_instance_uid,
+                                           record.series_instance_uid)
 
     def _announced_and_contiguous(self, instances: list[StoredInstance]) -> bool:
         expected = _expected_count(instances)

@@ -19,7 +19,10 @@ Versions:
 * 1 - the schema of :data:`_V1`;
 * 2 - leases (:data:`_V2`): who holds a job or a delivery until when, each job's claim
   count (the fencing token: a finish is applied only by the latest claim), and at most one
-  job per series and generation.
+  job per series and generation;
+* 3 - assessment claims (:data:`_V3`): who is assessing a ``complete`` series until when,
+  so that a node restarting takes back only its own assessments and those whose lease
+  ran out, not another live node's.
 
 A new version appends a step to :data:`_STEPS` and never edits an earlier one.
 """
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 #: The version this code writes and reads.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -141,6 +144,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_once_per_generation
     ON jobs (study_instance_uid, series_instance_uid, generation);
 ALTER TABLE deliveries ADD COLUMN lease_owner TEXT;
 ALTER TABLE deliveries ADD COLUMN lease_expires_at REAL;
+"""
+
+#: A series being assessed (state ``complete``) is claimed like a job: its holder and until
+#: when (NULL: until the holder decides or the node recovers, one node).
+_V3 = """
+ALTER TABLE series ADD COLUMN lease_owner TEXT;
+ALTER TABLE series ADD COLUMN lease_expires_at REAL;
 """
 
 
@@ -251,8 +261,13 @@ def _to_2(db: _Target) -> None:
     db.script(_V2)
 
 
+def _to_3(db: _Target) -> None:
+    """2 -> 3: the lease columns of a series being assessed."""
+    db.script(_V3)
+
+
 #: _STEPS[n] takes an index from version n to n + 1.
-_STEPS: list[Callable[[_Target], None]] = [_to_1, _to_2]
+_STEPS: list[Callable[[_Target], None]] = [_to_1, _to_2, _to_3]
 assert len(_STEPS) == SCHEMA_VERSION
 
 

@@ -330,7 +330,8 @@ class Spool:
             # A late arrival: the series is received again and completes again later.
             db.execute(
                 "UPDATE series SET state='receiving', reason=NULL, completed_at=NULL, "
-                "generation=?, last_received_at=?, quiet_since=?, updated_at=? "
+                "generation=?, last_received_at=?, quiet_since=?, updated_at=?, "
+                "lease_owner=NULL, lease_expires_at=NULL "
                 "WHERE study_instance_uid = ? AND series_instance_uid = ?",
                 (generation + 1, now, now, now, study, series),
             )
@@ -360,8 +361,9 @@ class Spool:
 
         Removes half-written temp files, indexes files that were renamed in but not
         recorded, restarts the quiet timer of series still receiving (their senders
-        could not reach us while we were down) and queues again the jobs cut short: those
-        claimed without a lease, under one that ran out, or by ``owner`` (this node).
+        could not reach us while we were down), and takes back the assessments and jobs
+        cut short: those claimed without a lease, under one that ran out, or by ``owner``
+        (this node). Another node's live claims are that node's, still at work.
 
         In a spool folder shared with other nodes (PostgreSQL store) a temp file is
         removed, and an unrecorded file indexed, only when it is this node's or stale
@@ -386,9 +388,9 @@ class Spool:
             db.execute("UPDATE series SET quiet_since=? WHERE state='receiving'", (now,))
             # A series being assessed when we stopped is assessed again.
             db.execute(
-                "UPDATE series SET state='receiving', quiet_since=? WHERE state='complete'",
-                (now,),
-            )
+                "UPDATE series SET state='receiving', quiet_since=?, lease_owner=NULL, "
+                "lease_expires_at=NULL WHERE state='complete' AND (lease_expires_at IS NULL "
+                "OR lease_expires_at <= ? OR lease_owner = ?)", (now, now, owner))
             # A model run cut short by the stop runs again; one under another node's lease
             # that has not run out is that node's, which is still at it.
             db.execute(
@@ -443,6 +445,14 @@ class Spool:
         rows = self.query(query + " ORDER BY s.first_received_at", args)
         return [SeriesRecord(*r) for r in rows]
 
+    def series_to_assess(self, now: float) -> list[SeriesRecord]:
+        """Series that may be complete: those receiving, and those whose assessment's
+        lease ran out at ``now`` (the store's time) before its holder decided."""
+        rows = self.query(
+            self._SERIES_SELECT + " WHERE s.state = 'receiving' OR (s.state = 'complete' "
+            "AND s.lease_expires_at <= ?) ORDER BY s.first_received_at", (now,))
+        return [SeriesRecord(*r) for r in rows]
+
     def get_series(self, study: str, series: str) -> SeriesRecord | None:
         rows = self.query(
             self._SERIES_SELECT + " WHERE s.study_instance_uid = ? AND s.series_instance_uid = ?",
@@ -458,24 +468,58 @@ class Spool:
         )
         return [StoredInstance(_header_from_json(h), Path(p), ts, t) for h, p, ts, t in rows]
 
+    def claim_assessment(self, record: SeriesRecord, owner: str,
+                         lease_seconds: float | None = None) -> bool:
+        """Take a series that may be complete for assessing: it becomes ``complete``,
+        held by ``owner`` (under a lease of ``lease_seconds``; None: until it decides or
+        the node recovers, one node). Fails (False) when an instance arrived since
+        ``record`` was read, or another node holds it and its lease has not run out."""
+        with self._transaction() as db:
+            now = db.now()
+            return db.execute(
+                "UPDATE series SET state='complete', lease_owner=?, lease_expires_at=?, "
+                "updated_at=? WHERE study_instance_uid=? AND series_instance_uid=? AND "
+                "generation=? AND quiet_since=? AND (state='receiving' OR "
+                "(state='complete' AND lease_expires_at <= ?))",
+                (owner, None if lease_seconds is None else now + lease_seconds, now,
+                 record.study_instance_uid, record.series_instance_uid, record.generation,
+                 record.quiet_since, now),
+            ).rowcount == 1
+
+    def release_assessment(self, record: SeriesRecord, owner: str) -> None:
+        """Give back an assessment ``owner`` holds without deciding (the series was not
+        complete after all): it is receiving again, its quiet timer untouched."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE series SET state='receiving', lease_owner=NULL, "
+                "lease_expires_at=NULL WHERE study_instance_uid=? AND series_instance_uid=? "
+                "AND generation=? AND state='complete' AND lease_owner=?",
+                (record.study_instance_uid, record.series_instance_uid, record.generation,
+                 owner))
+
     def close_series(
-        self, record: SeriesRecord, state: str, reason: str | None, *, enqueue: bool
+        self, record: SeriesRecord, state: str, reason: str | None, *, enqueue: bool,
+        owner: str | None = None,
     ) -> bool:
         """Record the outcome of assessing a complete series, and queue a job if accepted.
 
         Only applies when the series is still at the generation that was assessed, so an
-        instance arriving during the assessment wins. Returns whether it applied.
+        instance arriving during the assessment wins, and, for a series claimed with
+        :meth:`claim_assessment`, only while ``owner``'s claim holds (a claim whose lease
+        ran out and was taken over decides nothing). Returns whether it applied.
         """
         if state not in SERIES_STATES:
             raise ValueError(f"unknown series state {state!r}")
         with self._transaction() as db:
             now = db.now()
             cursor = db.execute(
-                "UPDATE series SET state=?, reason=?, completed_at=?, updated_at=? "
+                "UPDATE series SET state=?, reason=?, completed_at=?, updated_at=?, "
+                "lease_owner=NULL, lease_expires_at=NULL "
                 "WHERE study_instance_uid=? AND series_instance_uid=? AND generation=? "
-                "AND state='receiving' AND quiet_since=?",
+                "AND quiet_since=? AND (state='receiving' OR (state='complete' AND "
+                "lease_owner=?))",
                 (state, reason, now, now, record.study_instance_uid,
-                 record.series_instance_uid, record.generation, record.quiet_since),
+                 record.series_instance_uid, record.generation, record.quiet_since, owner),
             )
             if cursor.rowcount != 1:
                 return False
