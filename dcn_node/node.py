@@ -192,7 +192,8 @@ class Node:
         checks["spool"] = spool_problem(self.spool.root, self.settings.storage.min_free_bytes)
         try:
             backlog = self.outbox.backlog() if backlog is None else backlog
-            checks["outbox"] = outbox_problem(_pending_ages(backlog, time.time()),
+            # Ages from the store's clock, which stamped the rows (hosts' clocks may differ).
+            checks["outbox"] = outbox_problem(_pending_ages(backlog, self.spool.now()),
                                               self.settings.metrics.outbox_stuck_seconds)
         except Exception as exc:  # e.g. the index is closed while stopping
             checks["outbox"] = f"outbox unreadable: {type(exc).__name__}: {exc}"
@@ -203,7 +204,7 @@ class Node:
         queued, running = self.spool.count_jobs("queued"), self.spool.count_jobs("processing")
         waiting = self.spool.query("SELECT COUNT(*) FROM series WHERE state='receiving'")
         backlog = self.outbox.backlog()
-        ages = _pending_ages(backlog, time.time())
+        ages = _pending_ages(backlog, self.spool.now())
         return NodeState(
             series_waiting=int(waiting[0][0]),
             inference_queued=queued,
@@ -269,7 +270,7 @@ class Node:
         study, series = delivery.study_instance_uid, delivery.series_instance_uid
         record = self.spool.get_series(study, series)
         if dead == 0 and record is not None and record.generation == delivery.generation:
-            self.metrics.record_end_to_end(time.time() - record.last_received_at)
+            self.metrics.record_end_to_end(self.spool.now() - record.last_received_at)
         outcome = "delivered" if not dead else "partly_delivered" if sent else "undelivered"
         log_summary(build_summary(self.spool, study, series, delivery.generation, outcome,
                                   results={"sent": sent, "dead": dead}))

@@ -12,6 +12,10 @@ are imported by conftest.py, so that the whole session shares the one server.
 Tests that need the server are skipped, with the reason, when the binaries or psycopg are
 missing; ``make test`` installs ``postgresql`` (system-deps) and psycopg (the ``cluster``
 extra).
+
+A test may also start a server of its own: one it stops and starts again (the store lost
+and back), or one whose clock runs apart from the host's (``clock_offset_seconds``, through
+Debian's ``faketime`` preloaded into the server: a database host with a skewed clock).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import pytest
 
 POSTGRES_ROOT = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
+#: Debian's libfaketime (package faketime): shifts the clock of the processes it is loaded in.
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 def free_port() -> int:
@@ -58,10 +64,14 @@ def _run_as() -> list[str]:
 
 
 class PostgresServer:
-    """A running test server; :meth:`new_database` gives each test a clean database."""
+    """A running test server; :meth:`new_database` gives each test a clean database.
 
-    def __init__(self, bin_dir: Path) -> None:
+    ``clock_offset_seconds``: the server's clock runs this far from the host's (faketime).
+    """
+
+    def __init__(self, bin_dir: Path, clock_offset_seconds: float = 0.0) -> None:
         self.bin_dir = bin_dir
+        self.clock_offset_seconds = clock_offset_seconds
         self.workdir = Path(tempfile.mkdtemp(prefix="dcn-postgres-"))
         self.data_dir = self.workdir / "data"
         self.socket_dir = self.workdir / "socket"
@@ -75,14 +85,27 @@ class PostgresServer:
                 os.chown(path, user.pw_uid, user.pw_gid)
         self._pg("initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "-A", "trust",
                  "-E", "UTF8", "--locale=C", "--no-sync")
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, after :meth:`halt`), on the same port and data."""
         options = (f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                    "-c max_connections=60 -c shared_buffers=16MB")
+        clock: list[str] = []
+        if self.clock_offset_seconds:
+            clock = ["env", f"LD_PRELOAD={LIBFAKETIME}",
+                     f"FAKETIME={self.clock_offset_seconds:+.0f}", "DONT_FAKE_MONOTONIC=1"]
         self._pg("pg_ctl", "-D", str(self.data_dir), "-l", str(self.workdir / "server.log"),
-                 "-o", options, "-w", "-t", "60", "start")
+                 "-o", options, "-w", "-t", "60", "start", env_prefix=clock)
 
-    def _pg(self, program: str, *args: str) -> None:
-        command = [*self._prefix, str(self.bin_dir / program), *args]
+    def halt(self) -> None:
+        """Stop the server at once (its clients lose their connections); :meth:`start`
+        brings it back with its databases."""
+        self._pg("pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
+
+    def _pg(self, program: str, *args: str, env_prefix: list[str] | None = None) -> None:
+        command = [*self._prefix, *(env_prefix or []), str(self.bin_dir / program), *args]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             log = self.workdir / "server.log"
@@ -104,18 +127,38 @@ class PostgresServer:
 
     def stop(self) -> None:
         try:
-            self._pg("pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
+            self.halt()
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+def require_postgres_bin() -> Path:
+    """The server's bin folder; skips the test when psycopg or the server is missing."""
     pytest.importorskip("psycopg", reason="psycopg missing: pip install -e '.[cluster]'")
     bin_dir = postgres_bin()
     if bin_dir is None:
         pytest.skip(f"no PostgreSQL server under {POSTGRES_ROOT}/<version>/bin "
                     "(apt-get install postgresql; make test installs it as root)")
+    return bin_dir
+
+
+@contextlib.contextmanager
+def own_postgres_server(clock_offset_seconds: float = 0.0) -> Iterator[PostgresServer]:
+    """A server for one test alone (to stop and start, or with a skewed clock)."""
+    bin_dir = require_postgres_bin()
+    if clock_offset_seconds and not LIBFAKETIME.exists():
+        pytest.skip(f"{LIBFAKETIME} missing (apt-get install faketime; make test installs "
+                    "it as root)")
+    server = PostgresServer(bin_dir, clock_offset_seconds)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bin_dir = require_postgres_bin()
     started = time.monotonic()
     server = PostgresServer(bin_dir)
     print(f"PostgreSQL {bin_dir.parent.name} up in {time.monotonic() - started:.1f} s")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -221,8 +220,12 @@ class SeriesAssembler:
         self.lease_seconds = lease_seconds
 
     def check(self, now: float | None = None) -> list[tuple[SeriesRecord, Assessment]]:
-        """Assess every series that is complete now; return what was decided."""
-        now = time.time() if now is None else now
+        """Assess every series that is complete now; return what was decided.
+
+        ``now`` defaults to the store's time, whose clock stamped the arrivals (the
+        database's in cluster mode: a host with a skewed clock completes on time).
+        """
+        now = self.spool.now() if now is None else now
         decided = []
         for record in self.spool.series_to_assess(now):
             quiet = now - record.quiet_since >= self.completion.quiet_seconds

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 from dcn_node.store.spool import Spool
@@ -38,7 +37,7 @@ def build_summary(
     """
     if outcome not in SUMMARY_OUTCOMES:
         raise ValueError(f"unknown summary outcome {outcome!r}")
-    now = time.time() if now is None else now
+    now = spool.now() if now is None else now  # the clock that stamped the arrivals
     record = spool.get_series(study, series)
     summary: dict[str, Any] = {
         "event": "series_summary",
