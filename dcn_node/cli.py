@@ -314,9 +314,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     engine = Engine(models, args.profile, args.device)
     baseline = (Engine(models, args.profile, args.device, optimized=False)
                 if args.compare_naive else None)
-    report = evaluate_on_phantoms(engine, args.out, args.cases, EVAL_SEED_BASE + args.seed,
+    first_seed = args.first_seed if args.first_seed is not None else EVAL_SEED_BASE + args.seed
+    report = evaluate_on_phantoms(engine, args.out, args.cases, first_seed,
                                   keep_cases=args.keep_cases, baseline=baseline,
-                                  held_out=args.held_out)
+                                  held_out=args.held_out, keep_outputs=args.keep_outputs)
     print(report)
     return 0
 
@@ -325,7 +326,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
-    from dcn_train.calibration import calibrate
+    from dcn_node.inference.pattern import pattern_probability
+    from dcn_train.calibration import calibrate, fit_pattern, saved_case_features
     from dcn_train.corpus import VALIDATION_SEED_BASE
     from dcn_train.evaluation import evaluate_on_phantoms
 
@@ -336,7 +338,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         engine = Engine(models, args.profile, args.device, mapping="fcn")
         engine.calibration = None  # raw probabilities: what the calibration maps
         evaluate_on_phantoms(engine, args.out, args.cases, VALIDATION_SEED_BASE + args.seed,
-                             held_out="v3")
+                             held_out="v3", keep_outputs=True)
     elif not cases_json.exists():
         print(f"--refit: no {cases_json} from an earlier calibration run", file=sys.stderr)
         return 2
@@ -344,10 +346,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     labels = np.array([row["label"] for row in rows])
     raw = {"fcn": np.array([row["probability"] for row in rows]),
            "max": np.array([row["max_slice_probability"] for row in rows])}
+    pattern = None
+    if args.pattern_from:
+        # Fitted on cases the networks never trained on, then scored on these validation
+        # cases like the other mappings.
+        _, fit_labels, fit_rows, _ = saved_case_features(args.pattern_from / "outputs")
+        pattern = fit_pattern(fit_rows, fit_labels, l2=args.pattern_l2)
+        seeds, _, validation_rows, spm = saved_case_features(args.out / "outputs")
+        if seeds != [row["seed"] for row in rows]:
+            print(f"--pattern-from: {args.out / 'outputs'} does not hold this run's cases",
+                  file=sys.stderr)
+            return 2
+        raw["pattern"] = np.array([pattern_probability(row, pattern)
+                                   for row in validation_rows])
+        # The SPM's own output as saved (a cases.json of `dcn-node evaluate` holds the
+        # calibrated probability; the saved outputs always hold the uncalibrated one).
+        raw["fcn"] = spm
     if args.mapping != "auto":  # a mapping fixed by the caller (e.g. a release gate's veto)
         raw = {args.mapping: raw[args.mapping]}
     print(json.dumps(calibrate(Path(models), args.profile, labels, raw, args.out,
-                               args.min_specificity), indent=2))
+                               args.min_specificity, pattern=pattern), indent=2))
     return 0
 
 
@@ -418,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cases", type=int, default=40, help="half with lesions, half not")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--keep-cases", action="store_true")
+    evaluate.add_argument("--keep-outputs", action="store_true",
+                          help="each case's masks, HU and slice probabilities (subsampled) "
+                               "to OUT/outputs/SEED.npz, for fitting a patient-level mapping")
+    evaluate.add_argument("--first-seed", type=int, default=None,
+                          help="first phantom seed (default: the held-out seeds, 900000 + "
+                               "--seed)")
     evaluate.add_argument("--held-out", choices=["v3", "phantoms-v2"], default="v3",
                           help="v3: COVID-19, normal and other-disease phantoms; "
                           "phantoms-v2: the earlier held-out set")
@@ -435,10 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--cases", type=int, default=80)
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--min-specificity", type=float, default=0.95)
-    # The names of networks.MAPPINGS, spelled out: importing torch to build the parser
-    # would slow every command.
-    calibrate.add_argument("--mapping", choices=["auto", "fcn", "max"], default="auto",
-                           help="individual-level mapping: auto = the better validation AUC")
+    # The names of engine.INDIVIDUAL_MAPPINGS, spelled out: importing torch to build the
+    # parser would slow every command.
+    calibrate.add_argument("--mapping", choices=["auto", "fcn", "max", "pattern"],
+                           default="auto",
+                           help="individual-level mapping: auto = the best validation AUC")
+    calibrate.add_argument("--pattern-from", type=Path, default=None,
+                           help="a `dcn-node evaluate --keep-outputs` folder of phantoms the "
+                                "networks never trained on (e.g. --first-seed 20000): the "
+                                "pattern mapping is fitted there and competes")
+    calibrate.add_argument("--pattern-l2", type=float, default=1.0,
+                           help="L2 penalty of the pattern mapping's standardised weights")
     calibrate.add_argument("--refit", action="store_true",
                            help="fit again from OUT/cases.json of an earlier run of the same "
                                 "weights (no inference)")

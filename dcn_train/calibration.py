@@ -35,25 +35,24 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def fit_platt(labels: np.ndarray, probabilities: np.ndarray, *, l2: float = 1e-3
-              ) -> dict[str, float]:
-    """``scale`` and ``shift`` of sigmoid(scale * logit(p) + shift), by Newton's method with
-    a backtracking line search on the (lightly L2-regularised) log-likelihood: a full Newton
-    step overshoots when many probabilities sit at the clip (a saturated largest slice
-    probability), and the fit must still converge there."""
-    x = _logit(np.asarray(probabilities, float))
+def fit_logistic(features: np.ndarray, labels: np.ndarray, *, l2: float = 1e-3,
+                 start: np.ndarray | None = None) -> np.ndarray:
+    """Weights ``w`` of P(y = 1) = sigmoid(features @ w) (add a column of ones for a bias),
+    by Newton's method with a backtracking line search on the L2-regularised
+    log-likelihood: a full Newton step overshoots when many inputs sit at a clip (a
+    saturated largest slice probability), and the fit must still converge there."""
+    features = np.asarray(features, float)
     y = np.asarray(labels, float)
-    features = np.stack([x, np.ones_like(x)], axis=1)
 
     def loss(w: np.ndarray) -> float:
         z = features @ w
         return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * w @ w)
 
-    w = np.array([1.0, 0.0])  # start at the identity
+    w = np.zeros(features.shape[1]) if start is None else np.asarray(start, float).copy()
     for _ in range(100):
         p = 1 / (1 + np.exp(-np.clip(features @ w, -500, 500)))
         gradient = features.T @ (p - y) + l2 * w
-        hessian = features.T @ (features * (p * (1 - p))[:, None]) + l2 * np.eye(2)
+        hessian = features.T @ (features * (p * (1 - p))[:, None]) + l2 * np.eye(len(w))
         step = np.linalg.solve(hessian, gradient)
         size, current = 1.0, loss(w)
         while loss(w - size * step) > current and size > 1e-6:
@@ -61,7 +60,58 @@ def fit_platt(labels: np.ndarray, probabilities: np.ndarray, *, l2: float = 1e-3
         w = w - size * step
         if np.abs(size * step).max() < 1e-9:
             break
+    return w
+
+
+def fit_platt(labels: np.ndarray, probabilities: np.ndarray, *, l2: float = 1e-3
+              ) -> dict[str, float]:
+    """``scale`` and ``shift`` of sigmoid(scale * logit(p) + shift) (:func:`fit_logistic`
+    on the logit, started at the identity)."""
+    x = _logit(np.asarray(probabilities, float))
+    w = fit_logistic(np.stack([x, np.ones_like(x)], axis=1), labels, l2=l2,
+                     start=np.array([1.0, 0.0]))
     return {"scale": float(w[0]), "shift": float(w[1])}
+
+
+def fit_pattern(rows: list[dict[str, float]], labels: np.ndarray, *, l2: float = 1.0
+                ) -> dict[str, Any]:
+    """The ``pattern`` mapping's logistic regression (:mod:`dcn_node.inference.pattern`)
+    on the features of cases the networks never trained on: standardised features, an L2
+    penalty of ``l2`` on the standardised weights (a few dozen phantoms; the features
+    overlap), the bias unpenalised in effect (its penalty is the same but on a column
+    of ones over many cases)."""
+    from dcn_node.inference.pattern import FEATURES
+
+    x = np.array([[row[name] for name in FEATURES] for row in rows], float)
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale < 1e-6] = 1.0
+    z = (x - mean) / scale
+    w = fit_logistic(np.column_stack([z, np.ones(len(z))]), labels, l2=l2)
+    return {"features": list(FEATURES), "mean": [round(float(v), 6) for v in mean],
+            "scale": [round(float(v), 6) for v in scale],
+            "weights": [round(float(v), 6) for v in w[:-1]], "bias": round(float(w[-1]), 6),
+            "l2": l2, "cases": int(len(z)), "positives": int(np.sum(labels))}
+
+
+def saved_case_features(folder: Path
+                        ) -> tuple[list[int], np.ndarray, list[dict[str, float]], np.ndarray]:
+    """Seeds, labels, pattern features and the SPM's uncalibrated probability of the cases
+    saved in ``folder`` (``SEED.npz`` files of
+    :func:`dcn_train.evaluation.save_case_outputs`), in seed order."""
+    from dcn_node.inference.pattern import pattern_features
+
+    seeds, labels, rows, spm = [], [], [], []
+    for path in sorted(folder.glob("*.npz"), key=lambda p: int(p.stem)):
+        with np.load(path) as saved:
+            rows.append(pattern_features(
+                saved["lung"], saved["lesion"], saved["hu"], float(saved["pixel_mm"]),
+                saved["slice_probabilities"], float(saved["uncalibrated_probability"])))
+            labels.append(int(saved["label"]))
+            spm.append(float(saved["uncalibrated_probability"]))
+        seeds.append(int(path.stem))
+    if not rows:
+        raise ValueError(f"no saved case outputs (SEED.npz) in {folder}")
+    return seeds, np.asarray(labels), rows, np.asarray(spm)
 
 
 def threshold_for_specificity(labels: np.ndarray, scores: np.ndarray,
@@ -128,11 +178,13 @@ def choose_mapping(labels: np.ndarray, raw_by_mapping: dict[str, np.ndarray]
 
 def calibrate(models_dir: Path, profile: str, labels: np.ndarray,
               raw_by_mapping: dict[str, np.ndarray], out_dir: Path,
-              min_specificity: float = 0.95) -> dict[str, Any]:
+              min_specificity: float = 0.95, pattern: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     """Choose the mapping, fit, pick the threshold, write the reliability PNG and update the
     manifest (a new model version: all three change every reported probability).
     ``raw_by_mapping``: the uncalibrated probability of each validation case under each
-    candidate mapping (``fcn``, ``max``)."""
+    candidate mapping (``fcn``, ``max``, ``pattern``: then ``pattern`` is its fitted
+    logistic regression, :func:`fit_pattern`, written into the manifest if chosen)."""
     from dcn_node.inference.weights import manifest_path, model_version_for
 
     mapping, mapping_auc = choose_mapping(labels, raw_by_mapping)
@@ -155,12 +207,19 @@ def calibrate(models_dir: Path, profile: str, labels: np.ndarray,
     path = manifest_path(models_dir, profile)
     manifest = json.loads(path.read_text())
     manifest["mapping"] = mapping
+    manifest.pop("pattern", None)
+    if mapping == "pattern":
+        if pattern is None:
+            raise ValueError("mapping 'pattern' chosen without its fitted weights")
+        manifest["pattern"] = pattern
     manifest["calibration"] = {k: round(v, 6) for k, v in calibration.items()}
     manifest["decision_threshold"] = round(threshold, 6)
     manifest["calibration_report"] = report
     extra = json.dumps([manifest["calibration"], manifest["decision_threshold"]])
     if mapping != "fcn":  # versions of fcn-mapped weights stay what they were
         extra += mapping
+    if mapping == "pattern":
+        extra += json.dumps(pattern, sort_keys=True)
     manifest["model_version"] = model_version_for(profile, manifest["files"], extra)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     LOGGER.info("mapping %s, calibration %s, threshold %.4f: %s", mapping, calibration,

@@ -203,15 +203,35 @@ def _corpus_v3_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, 
 HELD_OUT_SETS = {"phantoms-v2": _generator_v2_case, "v3": _corpus_v3_case}
 
 
+def save_case_outputs(path: Path, volume: Any, result: Any, label: int, kind: str) -> None:
+    """What a patient-level mapping learns from, for one case, at most ~256 pixels a side
+    (every k-th pixel, as :mod:`dcn_node.inference.pattern` looks): lung and lesion masks,
+    HU, slice probabilities and the mapping's uncalibrated output, so that mappings can be
+    fitted and compared without running the networks again."""
+    from dcn_node.inference.pattern import subsample_step
+
+    step = subsample_step(volume.hu.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path, lung=result.lung[:, ::step, ::step], lesion=result.lesion[:, ::step, ::step],
+        hu=np.asarray(volume.hu[:, ::step, ::step], np.int16),
+        slice_probabilities=result.slice_probabilities,
+        pixel_mm=float(volume.pixel_spacing[1]) * step, slice_mm=volume.slice_spacing_mm,
+        uncalibrated_probability=float(result.uncalibrated_probability),
+        probability=float(result.probability), label=int(label), kind=kind)
+
+
 def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int, *,
                          keep_cases: bool = False, baseline: Any = None,
-                         held_out: str = "phantoms-v2") -> str:
+                         held_out: str = "phantoms-v2", keep_outputs: bool = False) -> str:
     """Generate ``cases`` held-out phantoms of set ``held_out`` (``phantoms-v2``: the
     earlier generator, alternately with lesions and normal, 5 and 1 mm; ``v3``: COVID-19,
     normal and other disease in turn), run them through the whole path (DICOM files ->
     volume -> engine) and write ``report.txt``, ``cases.json`` and ``roc.png`` into
-    ``out_dir``; returns the report. With a ``baseline`` engine (the naive float32 path)
-    the same cases also run through it and the report ends with the accuracy delta."""
+    ``out_dir``; returns the report. ``keep_outputs``: each case's outputs also go to
+    ``out_dir/outputs/SEED.npz`` (:func:`save_case_outputs`). With a ``baseline`` engine
+    (the naive float32 path) the same cases also run through it and the report ends with
+    the accuracy delta."""
     import torch
 
     from dcn_node.inference.networks import SliceProbabilityMapping
@@ -234,6 +254,8 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
             raise RuntimeError(f"slice order of case {seed} differs from its ground truth")
         result = engine.analyze(volume)
         scores.add(result, truth, label)
+        if keep_outputs:
+            save_case_outputs(out_dir / "outputs" / f"{seed}.npz", volume, result, label, kind)
         if baseline is not None:
             baseline_scores.add(baseline.analyze(volume), truth, label)
         quality = result.quality.as_dict() if getattr(result, "quality", None) else None

@@ -32,6 +32,9 @@ def summarize(volume: Volume, result: AnalysisResult) -> dict[str, Any]:
         "probability": round(result.probability, 6) if result.assessable else None,
         "positive": bool(result.positive) if result.assessable else None,
         "threshold": result.threshold,
+        # What the pattern mapping weighed (its features), when the model uses it.
+        "pattern_features": ({k: round(v, 4) for k, v in result.pattern_features.items()}
+                             if result.pattern_features is not None else None),
         "quality_gate": quality,
         "lesion_volume_ml": round(lesion_ml, 2),
         "lung_volume_ml": round(lung_ml, 2),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,12 @@ from dcn_node.inference.networks import (
     PROFILES,
     SliceProbabilityMapping,
     UNet,
+)
+from dcn_node.inference.pattern import (
+    FEATURES,
+    pattern_features,
+    pattern_probability,
+    subsample_step,
 )
 from dcn_node.inference.quality import GateResult, NotAssessable, assess
 from dcn_node.inference.transforms import (
@@ -53,6 +60,10 @@ LOGGER = logging.getLogger(__name__)
 
 #: The shipped weights, their manifest and model card: package data (``dcn_node/models/``).
 DEFAULT_MODELS_DIR = package_path("models")
+
+#: The individual-level mappings the engine runs: the SPM's own (networks.MAPPINGS) and
+#: ``pattern`` (dcn_node.inference.pattern).
+INDIVIDUAL_MAPPINGS = (*MAPPINGS, "pattern")
 
 
 @dataclass
@@ -81,6 +92,10 @@ class AnalysisResult:
     #: The DCN's lesion probability per pixel at the network's resolution, (slices, h, w)
     #: float16 covering the volume's field of view (None: not kept).
     lesion_probability: np.ndarray | None = None
+    #: The mapping's output before calibration (what ``dcn-node calibrate`` fits).
+    uncalibrated_probability: float | None = None
+    #: The ``pattern`` mapping's features (None with another mapping).
+    pattern_features: dict[str, float] | None = None
 
     @property
     def assessable(self) -> bool:
@@ -275,9 +290,11 @@ class Engine:
     reduced_precision:
         With ``optimized``: allow the autocast (False = the optimized path in float32).
     mapping:
-        The individual-level mapping, ``fcn`` (the trained SPM) or ``max`` (the largest
-        slice probability); None: the manifest's ``mapping`` (chosen on validation cases by
-        :mod:`dcn_train.calibration`), else ``fcn``.
+        The individual-level mapping, ``fcn`` (the trained SPM), ``max`` (the largest
+        slice probability) or ``pattern`` (a logistic regression on the SPM and the shape
+        of the outlined lesions, :mod:`dcn_node.inference.pattern`; its weights are the
+        manifest's ``pattern``); None: the manifest's ``mapping`` (chosen on validation
+        cases by :mod:`dcn_train.calibration`), else ``fcn``.
     """
 
     def __init__(
@@ -310,9 +327,17 @@ class Engine:
         self.lung_model = UNet(1, self.profile.unet_width)
         self.dcn = DCN(self.profile)
         self.mapping = mapping or str(self.manifest.get("mapping", "fcn"))
-        if self.mapping not in MAPPINGS:
+        if self.mapping not in INDIVIDUAL_MAPPINGS:
             raise ModelIntegrityError(f"unknown individual-level mapping {self.mapping!r}")
-        self.spm = SliceProbabilityMapping(self.mapping)  # type: ignore[arg-type]
+        self.pattern: dict[str, Any] | None = None
+        if self.mapping == "pattern":
+            self.pattern = self.manifest.get("pattern")
+            if not self.pattern or list(self.pattern.get("features", ())) != list(FEATURES):
+                raise ModelIntegrityError("mapping 'pattern' needs the manifest's 'pattern' "
+                                          f"weights over the features {', '.join(FEATURES)}")
+        # The pattern mapping weighs the trained SPM's output among its features.
+        self.spm = SliceProbabilityMapping(
+            "fcn" if self.mapping == "pattern" else self.mapping)  # type: ignore[arg-type]
         for name, model in zip(NETWORKS, (self.lung_model, self.dcn, self.spm), strict=True):
             model.load_state_dict(load_checked_state(Path(models_dir), self.manifest, name))
             model.to(self.device).eval()
@@ -437,8 +462,16 @@ class Engine:
         mark = time.perf_counter()
         kept = slice_prob[keep] if len(keep) else torch.zeros(1)
         logit = self.spm(kept.to(self.device))
-        probability = float(calibrated(float(torch.sigmoid(logit.float()).item()),
-                                       self.calibration))
+        uncalibrated = float(torch.sigmoid(logit.float()).item())
+        features = None
+        if self.pattern is not None:
+            step = subsample_step(hu.shape)
+            features = pattern_features(
+                lung[:, ::step, ::step], lesion[:, ::step, ::step],
+                np.asarray(hu[:, ::step, ::step]), spacing * step, slice_prob.numpy(),
+                uncalibrated)
+            uncalibrated = pattern_probability(features, self.pattern)
+        probability = float(calibrated(uncalibrated, self.calibration))
         timings["spm"] = time.perf_counter() - mark
         timings["postprocessing"] = upsampling
         positive = quality.assessable and probability >= self.decision_threshold
@@ -455,6 +488,8 @@ class Engine:
             threshold=self.decision_threshold,
             quality=quality,
             lesion_probability=lesion_prob,
+            uncalibrated_probability=uncalibrated,
+            pattern_features=features,
         )
 
 
