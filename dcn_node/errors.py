@@ -19,6 +19,13 @@ class ConfigError(DcnNodeError):
         super().__init__(f"invalid configuration {source}:\n{listing}")
 
 
+class StoreUnavailableError(DcnNodeError):
+    """The store's database (PostgreSQL, ``store.url``) cannot be reached: the server is
+    down, unreachable, or dropped the connection. The message says where and why, never
+    the URL's password; the node keeps running and uses the store again when it is back.
+    """
+
+
 class SpoolWriteError(DcnNodeError):
     """An instance could not be written durably (disk full, permissions, I/O error)."""
 

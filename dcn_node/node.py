@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dcn_node.config import Settings
-from dcn_node.errors import FailureReason
+from dcn_node.errors import FailureReason, StoreUnavailableError
 from dcn_node.net.receiver import Refusal, StorageSCP
 from dcn_node.net.sender import DestinationSender
 from dcn_node.ops import systemd
@@ -182,7 +182,8 @@ class Node:
         return Liveness(tuple(problems))
 
     def readiness(self, backlog: dict[str, Backlog] | None = None) -> Readiness:
-        """SCP listening, model loaded, spool writable with space, outbox moving."""
+        """SCP listening, model loaded, spool writable with space, store reachable, outbox
+        moving."""
         checks: dict[str, str | None] = {}
         checks["scp"] = None if self.receiver.is_listening else "Storage SCP not listening"
         if not self.settings.inference.enabled or self.worker.engine_loaded:
@@ -191,9 +192,16 @@ class Node:
             checks["model"] = f"model not loaded: {self.worker.engine_error or 'loading'}"
         checks["spool"] = spool_problem(self.spool.root, self.settings.storage.min_free_bytes)
         try:
+            now = self.spool.now()  # PostgreSQL: a round trip to the server
+            checks["store"] = None
+        except StoreUnavailableError as exc:
+            checks["store"] = str(exc)
+            checks["outbox"] = "unknown: the store is unreachable"
+            return Readiness(checks)
+        try:
             backlog = self.outbox.backlog() if backlog is None else backlog
             # Ages from the store's clock, which stamped the rows (hosts' clocks may differ).
-            checks["outbox"] = outbox_problem(_pending_ages(backlog, self.spool.now()),
+            checks["outbox"] = outbox_problem(_pending_ages(backlog, now),
                                               self.settings.metrics.outbox_stuck_seconds)
         except Exception as exc:  # e.g. the index is closed while stopping
             checks["outbox"] = f"outbox unreadable: {type(exc).__name__}: {exc}"
@@ -201,10 +209,16 @@ class Node:
 
     def state(self) -> NodeState:
         """Queue depths, spool space and readiness, for the gauges read at each scrape."""
-        queued, running = self.spool.count_jobs("queued"), self.spool.count_jobs("processing")
-        waiting = self.spool.query("SELECT COUNT(*) FROM series WHERE state='receiving'")
-        backlog = self.outbox.backlog()
-        ages = _pending_ages(backlog, self.spool.now())
+        try:
+            queued = self.spool.count_jobs("queued")
+            running = self.spool.count_jobs("processing")
+            waiting = self.spool.query("SELECT COUNT(*) FROM series WHERE state='receiving'")
+            backlog = self.outbox.backlog()
+            ages = _pending_ages(backlog, self.spool.now())
+        except StoreUnavailableError:  # the counts are unknown; readiness says why
+            return NodeState(0, 0, 0, {}, {}, {}, spool_free_bytes(self.spool.root),
+                             self.receiver.active_associations(), self.readiness(),
+                             store_reachable=False)
         return NodeState(
             series_waiting=int(waiting[0][0]),
             inference_queued=queued,
@@ -229,7 +243,10 @@ class Node:
         high_water = self.settings.inference.queue_high_water
         if not high_water or not self.settings.inference.enabled:
             return None
-        waiting = self.spool.count_jobs("queued")
+        try:
+            waiting = self.spool.count_jobs("queued")
+        except StoreUnavailableError:
+            return None  # each C-STORE is answered 0xA700 with the reason meanwhile
         if waiting < high_water:
             return None
         # rejected-transient, service-provider (presentation), local-limit-exceeded
@@ -323,6 +340,8 @@ class Node:
                     log_summary(build_summary(
                         self.spool, record.study_instance_uid, record.series_instance_uid,
                         record.generation, assessment.state, reason=assessment.reason))
+        except StoreUnavailableError as exc:  # logged by the store once; next time
+            LOGGER.debug("Series completion check waits for the store: %s", exc)
         except Exception:  # the job must keep running; the reason goes to the log
             LOGGER.exception("Series completion check failed")
 

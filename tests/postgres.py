@@ -99,10 +99,11 @@ class PostgresServer:
         self._pg("pg_ctl", "-D", str(self.data_dir), "-l", str(self.workdir / "server.log"),
                  "-o", options, "-w", "-t", "60", "start", env_prefix=clock)
 
-    def halt(self) -> None:
-        """Stop the server at once (its clients lose their connections); :meth:`start`
-        brings it back with its databases."""
-        self._pg("pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: its clients are disconnected, what they committed
+        is kept; ``immediate``: a crash, which loses the last commits of this server
+        without synchronous commits); :meth:`start` brings it back with its databases."""
+        self._pg("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
 
     def _pg(self, program: str, *args: str, env_prefix: list[str] | None = None) -> None:
         command = [*self._prefix, *(env_prefix or []), str(self.bin_dir / program), *args]
@@ -127,7 +128,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         try:
-            self.halt()
+            self.halt("immediate")
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

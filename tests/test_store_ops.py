@@ -1,10 +1,12 @@
 """A node on a PostgreSQL store as operations see it, on servers of the test's own
 (tests/postgres.py): completion, readiness and the outbox-age gauge timed by the
 database's clock, which stamped the rows, whatever the host's clock says (the server runs
-an hour behind the host through faketime)."""
+an hour behind the host through faketime); the store lost (the server stopped) and back."""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,10 +18,13 @@ from dcn_node.store.outbox import ResultObject
 from tests.conftest import send_datasets, wait_for
 from tests.dicom_factory import ct_series
 from tests.postgres import PostgresServer, own_postgres_server
+from tests.test_bad_input import PATIENT_VALUES
 from tests.test_metrics import get, value
 
 #: How far the database's clock runs behind the host's.
 SKEW_SECONDS = 3600.0
+#: In the store's URL: never in a log line or a readiness answer.
+PASSWORD = "s3cret-Pw"
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +73,62 @@ def test_outbox_age_and_readiness_by_the_databases_clock(
     assert value(node, "dcn_outbox_pending", destination="pacs") == 1
     age = value(node, "dcn_outbox_oldest_pending_age_seconds", destination="pacs")
     assert 0 <= age < 60
+
+
+@pytest.fixture
+def restartable_server() -> Iterator[PostgresServer]:
+    """A server this test alone uses: it stops it and starts it again."""
+    with own_postgres_server() as server:
+        yield server
+
+
+def test_store_loss_is_explicit_and_the_node_recovers_when_it_is_back(
+        restartable_server: PostgresServer, start_node: Callable[..., Node],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The PostgreSQL server stops: /readyz fails with the reason (where, why, never the
+    URL's password), the store's loss is logged once in words (no traceback, no patient
+    data), C-STOREs are answered "out of resources" (the PACS keeps them and retries) and
+    every thread of the node keeps running; the server starts again: the node is ready and
+    takes the series in again, without a restart."""
+    caplog.set_level(logging.INFO)
+    url = restartable_server.new_database().replace("postgres@", f"postgres:{PASSWORD}@")
+    node = start_node(store={"url": url}, inference={"enabled": True, "device": "cpu",
+                                                    "models_dir": "/nonexistent"},
+                      destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                                     "port": 1}])
+    series = ct_series(12)
+    assert send_datasets(series[:6], node.receiver.port) == [0] * 6
+    assert json.loads(get(node, "/readyz")[1])["reasons"].keys() == {"model"}
+
+    restartable_server.halt()
+    status, body = get(node, "/readyz")
+    reasons = json.loads(body)["reasons"]
+    assert status == 503 and reasons.keys() == {"model", "store", "outbox"}
+    assert reasons["store"].startswith("postgresql database test_0 on ")
+    assert "unreachable" in reasons["store"] and PASSWORD not in body.decode()
+    assert send_datasets(series[6:7], node.receiver.port) == [0xA700]
+    assert value(node, "dcn_ready_check", check="store") == 0  # the scrape still answers
+    time.sleep(2)  # completion, the worker and the sender meet the loss too
+    assert node.liveness().ok
+
+    restartable_server.start()
+    wait_for(lambda: json.loads(get(node, "/readyz")[1])["reasons"].keys() == {"model"},
+             timeout=30)
+    assert value(node, "dcn_ready_check", check="store") == 1
+    assert send_datasets(series[6:], node.receiver.port) == [0] * 6
+    # Generation 0 (6 slices) and 1 (all 12) both complete; no model here: both fail.
+    wait_for(lambda: [j.state for j in node.spool.list_jobs()] == ["failed", "failed"],
+             timeout=30)
+    (record,) = node.spool.list_series()
+    assert (record.instances, record.generation) == (12, 1)
+    assert node.liveness().ok
+
+    lost = [r for r in caplog.records if r.getMessage().startswith("Store unreachable")]
+    assert len(lost) == 1 and lost[0].levelno == logging.ERROR
+    assert "unreachable" in lost[0].getMessage()
+    assert any(r.getMessage().startswith("Store reachable again") for r in caplog.records)
+    store_records = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert not any(r.exc_info for r in store_records)
+    assert PASSWORD not in caplog.text
+    for patient_value in PATIENT_VALUES:
+        assert patient_value not in caplog.text

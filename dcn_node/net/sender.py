@@ -33,6 +33,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext
 
 from dcn_node.config import Destination, SenderSettings
+from dcn_node.errors import StoreUnavailableError
 from dcn_node.net import transport_tuning
 from dcn_node.store.lease import LeaseKeeper, default_node_id
 from dcn_node.store.outbox import Delivery, Outbox
@@ -163,13 +164,16 @@ class DestinationSender:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            wait = 5.0
             try:
                 self.send_due()
+                next_at = self.outbox.next_attempt_at(self.destination.name)
+                if next_at is not None:
+                    wait = min(5.0, max(0.05, next_at - self.outbox.spool.now()))
+            except StoreUnavailableError as exc:  # logged by the store once; try again
+                LOGGER.debug("Sender %s waits for the store: %s", self.destination.name, exc)
             except Exception:  # keep delivering; the reason goes to the log
                 LOGGER.exception("Sender %s: unexpected error", self.destination.name)
-            next_at = self.outbox.next_attempt_at(self.destination.name)
-            wait = 5.0 if next_at is None else \
-                min(5.0, max(0.05, next_at - self.outbox.spool.now()))
             if wait > 0:
                 self._wake.wait(wait)
             self._wake.clear()

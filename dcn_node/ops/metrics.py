@@ -107,6 +107,9 @@ class NodeState:
     spool_free_bytes: int
     associations_active: int
     readiness: Readiness = field(default_factory=lambda: Readiness({}))
+    #: False while the store cannot be read: the counts above are unknown (not exported)
+    #: and readiness says why.
+    store_reachable: bool = True
 
 
 def _package_version(name: str) -> str:
@@ -166,15 +169,16 @@ class _StateCollector(Collector):
                                   active, ready, checks]
         if state is None:
             return families
-        waiting.add_metric([], state.series_waiting)
-        queued.add_metric([], state.inference_queued)
-        running.add_metric([], state.inference_running)
-        names = self._destinations + sorted(
-            (set(state.outbox_pending) | set(state.dead_letters)) - set(self._destinations))
-        for name in names:
-            pending.add_metric([name], state.outbox_pending.get(name, 0))
-            oldest.add_metric([name], state.outbox_oldest_pending_age.get(name, 0.0))
-            dead.add_metric([name], state.dead_letters.get(name, 0))
+        if state.store_reachable:
+            waiting.add_metric([], state.series_waiting)
+            queued.add_metric([], state.inference_queued)
+            running.add_metric([], state.inference_running)
+            names = self._destinations + sorted(
+                (set(state.outbox_pending) | set(state.dead_letters)) - set(self._destinations))
+            for name in names:
+                pending.add_metric([name], state.outbox_pending.get(name, 0))
+                oldest.add_metric([name], state.outbox_oldest_pending_age.get(name, 0.0))
+                dead.add_metric([name], state.dead_letters.get(name, 0))
         free.add_metric([], state.spool_free_bytes)
         limit.add_metric([], self._min_free_bytes)
         active.add_metric([], state.associations_active)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dcn_node.config import Settings
-from dcn_node.errors import FailureReason
+from dcn_node.errors import FailureReason, StoreUnavailableError
 from dcn_node.pipeline.worker import FinishedCallback, TimingCallback
 from dcn_node.store.outbox import Outbox, ResultObject
 from dcn_node.store.spool import Job, Spool
@@ -125,6 +125,10 @@ class ResultEncoder:
             self.spool.record_event(job.study_instance_uid, job.series_instance_uid,
                                     job.generation, "results_recorded",
                                     f"{len(objects)} objects")
+        except StoreUnavailableError as exc:  # not the series' failure: it runs again
+            LOGGER.warning("Series %s: results not recorded, the job runs again when its "
+                           "lease runs out: %s", job.series_instance_uid, exc)
+            return
         except Exception as exc:  # this job fails with its reason; the node carries on
             reason = f"encoding results: {type(exc).__name__}: {exc}"[:500]
             LOGGER.exception("Series %s failed: %s", job.series_instance_uid, reason)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dcn_node.errors import FailureReason
+from dcn_node.errors import FailureReason, StoreUnavailableError
 from dcn_node.store.lease import LeaseKeeper, default_node_id
 from dcn_node.store.spool import Job, Spool
 
@@ -137,13 +137,18 @@ class ModelWorker:
         except Exception:  # the node still receives; jobs fail with the reason
             LOGGER.exception("Model not loaded: %s", self.engine_error)
         while not self._stop.is_set():
-            job = self.spool.claim_next_job(self.owner, self.lease_seconds)
-            if job is None:
-                self._wake.wait(self._poll_seconds)
-                self._wake.clear()
-                continue
-            self.hold(job)
-            self.process(job)
+            try:
+                job = self.spool.claim_next_job(self.owner, self.lease_seconds)
+                if job is not None:
+                    self.hold(job)
+                    self.process(job)
+                    continue
+            except StoreUnavailableError as exc:
+                # Logged by the store once; a job cut short runs again once its lease
+                # runs out (here or on another node).
+                LOGGER.debug("Model worker waits for the store: %s", exc)
+            self._wake.wait(self._poll_seconds)
+            self._wake.clear()
 
     def hold(self, job: Job) -> None:
         """Keep renewing the lease of ``job`` (a claim of this worker's) until it is
@@ -176,6 +181,8 @@ class ModelWorker:
             summary = write_analysis(out_dir, volume, result)
             self.spool.record_event(study, series, job.generation, "inference_end",
                                     _outcome(summary))
+        except StoreUnavailableError:
+            raise  # not the series' failure: the job runs again when the store is back
         except Exception as exc:  # any failure fails this job only; the reason is kept
             reason = f"{type(exc).__name__}: {exc}"[:500]
             LOGGER.exception("Series %s failed: %s", series, reason)

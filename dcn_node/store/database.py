@@ -13,11 +13,15 @@ says them in PostgreSQL's words). Both backends give the same three things:
   on SQLite (one node, one clock).
 
 psycopg (the ``cluster`` extra) is imported only when a PostgreSQL URL is configured.
+When the PostgreSQL server cannot be reached, or drops a connection, the store raises
+:class:`~dcn_node.errors.StoreUnavailableError` (where and why, no password) and logs the
+loss once, and its return once; the next statement after the server is back works.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -26,7 +30,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dcn_node.errors import ConfigError
+from dcn_node.errors import ConfigError, StoreUnavailableError
 from dcn_node.store import schema
 
 if TYPE_CHECKING:
@@ -69,7 +73,8 @@ class Index:
     """The index's database, whichever it is."""
 
     dialect: schema.Dialect
-    #: What a failing statement raises (wrapped by the spool into its own errors).
+    #: What a failing statement raises (wrapped by the spool into its own errors), the
+    #: store's loss included.
     errors: tuple[type[Exception], ...]
     #: Where the index is, for logs (never a password).
     where: str
@@ -174,9 +179,24 @@ class _PostgresTransaction(Transaction):
         return float(row[0])
 
 
+def _without_secrets(text: str, secrets: Sequence[str]) -> str:
+    """``text`` on one line, shortened, with ``secrets`` (the URL's password, the URL)
+    blanked out, for a log line or a readiness answer."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)  # any other URL's password
+    return " ".join(text.split())[:300]
+
+
 class PostgresIndex(Index):
     """A PostgreSQL database shared by the nodes of a cluster: a small pool of autocommit
-    connections, one per thread while it runs a statement or a transaction."""
+    connections, one per thread while it runs a statement or a transaction.
+
+    A connection that fails to open or breaks (the server stopped, the network dropped)
+    raises :class:`StoreUnavailableError` and empties the pool: the idle connections went
+    to the same server. Errors of a statement on a sound connection are psycopg's own.
+    """
 
     dialect = schema.POSTGRESQL
 
@@ -187,16 +207,40 @@ class PostgresIndex(Index):
             raise ConfigError("store.url", [
                 "a PostgreSQL store needs psycopg: pip install 'dcn-node[cluster]'"]) from None
         self._psycopg = psycopg
-        self.errors = (psycopg.Error,)
+        self.errors = (psycopg.Error, StoreUnavailableError)
         self._url = url
         info = psycopg.conninfo.conninfo_to_dict(url)
         self.where = f"postgresql database {info.get('dbname', '?')} on " \
                      f"{info.get('host', 'localhost')}:{info.get('port', 5432)}"
+        self._secrets = [str(s) for s in (info.get("password"), url) if s]
         self._lock = threading.Lock()
         self._idle: list[psycopg.Connection[Any]] = []
         self._closed = False
+        #: Since when the server cannot be reached (time.monotonic()); None: it can.
+        self._lost_since: float | None = None
         with self._connection() as conn:
             schema.migrate_postgres(conn)
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailableError:
+        """The error to raise for a lost server (logged at the first loss only)."""
+        reason = _without_secrets(str(exc) or type(exc).__name__, self._secrets)
+        with self._lock:
+            first = self._lost_since is None
+            if first:
+                self._lost_since = time.monotonic()
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        if first:
+            LOGGER.error("Store unreachable: %s: %s", self.where, reason)
+        return StoreUnavailableError(f"{self.where} unreachable: {reason}")
+
+    def _reachable(self) -> None:
+        with self._lock:
+            lost_since, self._lost_since = self._lost_since, None
+        if lost_since is not None:
+            LOGGER.warning("Store reachable again: %s (after %.0f s)", self.where,
+                           time.monotonic() - lost_since)
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -205,9 +249,19 @@ class PostgresIndex(Index):
                 raise self._psycopg.InterfaceError("the store is closed")
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = self._psycopg.connect(self._url, autocommit=True)
+            try:
+                conn = self._psycopg.connect(self._url, autocommit=True)
+            except self._psycopg.OperationalError as exc:
+                raise self._unavailable(exc) from None
         try:
             yield conn
+        except self._psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise self._unavailable(exc) from None
+            raise
+        else:
+            if self._lost_since is not None:
+                self._reachable()
         finally:
             idle = (not conn.closed and conn.info.transaction_status
                     == self._psycopg.pq.TransactionStatus.IDLE)
@@ -249,7 +303,7 @@ def open_index(spool_dir: Path, *, fsync: bool = False, url: str | None = None) 
         If the index was written by a newer dcn-node.
     ConfigError
         If ``url`` is given and psycopg (the ``cluster`` extra) is not installed.
-    psycopg.OperationalError
+    StoreUnavailableError
         If the PostgreSQL server cannot be reached.
     """
     if url is None:

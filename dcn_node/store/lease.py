@@ -16,6 +16,8 @@ import socket
 import threading
 from collections.abc import Callable, Hashable
 
+from dcn_node.errors import StoreUnavailableError
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -71,7 +73,10 @@ class LeaseKeeper:
             for key, renew in held:
                 try:
                     still = renew()
-                except Exception:  # the store is unreachable: try again next time
+                except StoreUnavailableError as exc:  # logged by the store; next time
+                    LOGGER.debug("Lease of %s not renewed: %s", key, exc)
+                    continue
+                except Exception:  # try again next time
                     LOGGER.exception("Renewing the lease of %s failed", key)
                     continue
                 if not still:
