@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dcn_node.config import parse_settings
 from dcn_node.errors import ConfigError
 from dcn_node.header import InstanceHeader, header_from_dataset
+from dcn_node.pipeline.series import SeriesAssembler
 from dcn_node.store.outbox import Outbox, ResultObject
 from dcn_node.store.spool import Job, SeriesRecord, Spool
 from tests.conftest import send_datasets, wait_for
@@ -153,6 +154,19 @@ def test_a_series_is_assessed_by_one_claimer_until_its_lease_runs_out(spool: Spo
     assert spool.close_series(record, "queued", None, enqueue=True, owner="node-b")
     assert (series_record(spool, header).state, spool.count_jobs("queued")) == ("queued", 1)
     assert spool.query("SELECT lease_owner, lease_expires_at FROM series") == [(None, None)]
+
+
+def test_the_assembler_passes_over_a_series_another_node_is_assessing(spool: Spool) -> None:
+    settings = parse_settings({"completion": {"quiet_seconds": 0.01}})
+    header = received_series(spool, 3)[0]
+    assembler = SeriesAssembler(spool, settings.completion, settings.selection,
+                                owner="node-b", lease_seconds=600.0)
+    assert spool.claim_assessment(series_record(spool, header), "node-a", lease_seconds=0.5)
+    assert assembler.check() == []  # node-a is at it
+    time.sleep(0.6)  # node-a's lease runs out: it stopped, or was cut off
+    ((record, assessment),) = assembler.check()
+    assert record.series_instance_uid == header.series_instance_uid
+    assert series_record(spool, header).state == assessment.state == "rejected"  # 3 slices
 
 
 def test_an_instance_arriving_during_an_assessment_wins(spool: Spool) -> None:

@@ -247,7 +247,11 @@ class SeriesAssembler:
                 self.spool.release_assessment(record, self.owner)
                 continue
             how = "quiet period" if quiet else "announced count reached"
-            assessment = self.assess(instances)
+            try:
+                assessment = self.assess(instances)
+            except Exception:  # not left held: the next check assesses it again
+                self.spool.release_assessment(record, self.owner)
+                raise
             applied = self.spool.close_series(
                 record, assessment.state, assessment.reason,
                 enqueue=assessment.state == "queued", owner=self.owner,
