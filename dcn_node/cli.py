@@ -280,6 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
         init_from=str(args.init_from or ""),
         negative_slice_dice_weight=args.negative_slice_dice_weight,
+        lung_mask_jitter=args.lung_mask_jitter,
     )
     manifest = Trainer(cases, args.out, settings).run()
     print(f"weights and manifest: {manifest}")
@@ -503,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--negative-slice-dice-weight", type=float, default=0.0,
                        help="weight of the lesion Dice on lesion-free slices of cases with a "
                             "complete lesion mask (0 = the paper: only lesion slices count)")
+    train.add_argument("--lung-mask-jitter", type=int, default=0,
+                       help="grow or shrink the DCN's lung mask by up to this many pixels "
+                            "on half the training slices (0 = the truth mask)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's initial lr")
     train.add_argument("--lr-decay", type=float, default=0.95, help="lr factor per epoch")
     train.add_argument("--init-from", type=Path, help="weights folder whose networks start "

@@ -52,6 +52,29 @@ def test_lesion_drawn_on_a_lesion_free_slice_costs_when_weighted() -> None:
     assert seg_clean.item() < 0.01
 
 
+def test_lung_mask_jitter_moves_the_edge_by_at_most_the_setting() -> None:
+    import random
+
+    from dcn_train.trainer import _jitter_lung
+
+    lung = np.zeros((64, 64), bool)
+    lung[16:48, 12:30] = True
+    random.seed(5)
+    seen = set()
+    for _ in range(200):
+        jittered = _jitter_lung(lung, 3)
+        grown, kept = int(jittered.sum()), int(lung.sum())
+        seen.add("grown" if grown > kept else "shrunk" if grown < kept else "same")
+        if grown >= kept:  # grown masks contain the truth, by at most 3 pixels all round
+            assert jittered[lung].all()
+            assert not jittered[:12, :].any() and not jittered[:, :8].any()
+        else:
+            assert not jittered[~lung].any()
+            assert jittered[20:44, 16:26].all()
+    assert seen == {"grown", "shrunk", "same"}
+    assert (_jitter_lung(lung, 0) == lung).all()
+
+
 def test_metrics_match_hand_counts() -> None:
     counts = PixelCounts()
     counts.add(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool))
