@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dcn_node import __version__
 from dcn_node.config import DEFAULT_CONFIG_PATH, Settings, load_config, security_warnings
-from dcn_node.errors import ConfigError
+from dcn_node.errors import ConfigError, StoreUnavailableError
 from dcn_node.ops.logs import configure_logging
 
 LOGGER = logging.getLogger("dcn_node.cli")
@@ -527,3 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except StoreUnavailableError:
+        # At start-up (serve, status, retry) there is nothing to wait for yet: say where
+        # and why (the message never holds the password) and exit, so that systemd or the
+        # orchestrator restarts the node once the database is back.
+        # (The store has logged where and why already.)
+        print(f"dcn-node {args.command}: stopped, the store is unreachable", file=sys.stderr)
+        return 3

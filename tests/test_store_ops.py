@@ -132,3 +132,28 @@ def test_store_loss_is_explicit_and_the_node_recovers_when_it_is_back(
     assert PASSWORD not in caplog.text
     for patient_value in PATIENT_VALUES:
         assert patient_value not in caplog.text
+
+
+def test_serve_without_its_database_says_so_and_exits(tmp_path: Path) -> None:
+    """`dcn-node serve` whose PostgreSQL cannot be reached at start-up: one line saying
+    where and why (no traceback, no password) and exit status 3, for systemd to restart it
+    later; nothing listens meanwhile."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import free_port, test_config
+
+    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{free_port()}/nowhere"
+    config = test_config(tmp_path / "spool", store={"url": url})
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run([sys.executable, "-m", "dcn_node", "serve", "--config",
+                          str(tmp_path / "node.yaml")], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode == 3, output
+    assert "dcn-node serve: stopped, the store is unreachable" in run.stderr
+    (reason,) = [line for line in run.stderr.splitlines() if "Store unreachable" in line]
+    assert "ERROR" in reason and "127.0.0.1" in reason and "refused" in reason
+    assert "Traceback" not in output and PASSWORD not in output
