@@ -528,9 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     except StoreUnavailableError:
-        # At start-up (serve, status, retry) there is nothing to wait for yet: say where
-        # and why (the message never holds the password) and exit, so that systemd or the
+        # At start-up (serve, status, retry) there is nothing to wait for yet: the store
+        # has logged where and why (never the password); exit, so that systemd or the
         # orchestrator restarts the node once the database is back.
-        # (The store has logged where and why already.)
         print(f"dcn-node {args.command}: stopped, the store is unreachable", file=sys.stderr)
         return 3
