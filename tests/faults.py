@@ -32,14 +32,23 @@ from tests.recording_pacs import RecordingPacs
 
 
 class RetryingSender(threading.Thread):
-    """Sends a series like a PACS does: what was not answered Success is sent again."""
+    """Sends a series like a PACS does: what was not answered Success is sent again.
+
+    ``per_association``: release the association after this many C-STOREs and open a new
+    one for the rest (a PACS that sends a study in several associations; behind a load
+    balancer each may reach another receiver). ``pause_seconds``: wait this long after
+    each acknowledged instance (keeps an association open long enough to be cut).
+    """
 
     def __init__(self, datasets: list[Dataset], port: int, *, deadline_seconds: float = 600,
-                 calling_aet: str = "PACS") -> None:
+                 calling_aet: str = "PACS", per_association: int | None = None,
+                 pause_seconds: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.datasets = datasets
         self.port = port
         self.calling_aet = calling_aet
+        self.per_association = per_association
+        self.pause_seconds = pause_seconds
         self.acknowledged: set[str] = set()
         self.failures = 0  # C-STOREs without a Success (node killed, refused ...)
         #: Why each failure happened (status, or the exception).
@@ -68,14 +77,15 @@ class RetryingSender(threading.Thread):
                 time.sleep(0.3)
                 continue
             self.associations += 1
+            failures_before = self.failures
             self.sending.set()
             try:
-                for ds in self.datasets:
-                    if ds.SOPInstanceUID in self.acknowledged:
-                        continue
+                todo = [ds for ds in self.datasets if ds.SOPInstanceUID not in self.acknowledged]
+                for ds in todo[:self.per_association]:
                     status = assoc.send_c_store(ds)
                     if getattr(status, "Status", None) == 0x0000:
                         self.acknowledged.add(ds.SOPInstanceUID)
+                        time.sleep(self.pause_seconds)
                     else:
                         self.failures += 1
                         self.failure_reasons.append(
@@ -88,8 +98,8 @@ class RetryingSender(threading.Thread):
                 self.sending.clear()
                 if assoc.is_established:
                     assoc.release()
-            if not self.done:
-                time.sleep(0.3)
+            if not self.done and self.failures > failures_before:
+                time.sleep(0.3)  # after a failure; the next batch goes at once
 
 
 def node_activity(spool_dir: Path, senders: list[RetryingSender]) -> set[str]:

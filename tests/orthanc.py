@@ -7,6 +7,7 @@ DICOM-NOTES.md advises. Talked to over its REST API with urllib.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -25,6 +26,14 @@ ORTHANC_AET = "ORTHANC"
 GDCM_PLUGIN = "/usr/share/orthanc/plugins/libOrthancGdcm.so"
 #: Debian's orthanc-dicomweb: QIDO-RS/WADO-RS, what OHIF reads a PACS through.
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+#: Logs every instance Orthanc stores, a re-sent one too (its change log and statistics
+#: count an instance once, whatever arrives again under its UID).
+_STORE_COUNTER_LUA = """\
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  print("dcn-test stored " .. tags["SOPInstanceUID"])
+end
+"""
+_STORED_LINE = "Lua says: dcn-test stored "
 
 
 @contextlib.contextmanager
@@ -41,8 +50,11 @@ def orthanc_workdir() -> Iterator[Path]:
 class Orthanc:
     """One Orthanc process with its own storage folder and ports."""
 
-    def __init__(self, workdir: Path, dicom_port: int, http_port: int) -> None:
+    def __init__(self, workdir: Path, dicom_port: int, http_port: int, *,
+                 count_stores: bool = False) -> None:
         self.workdir = workdir
+        #: Log every stored instance (:meth:`stores`): duplicates become visible.
+        self.count_stores = count_stores
         self.dicom_port = dicom_port
         self.http_port = http_port
         self.process: subprocess.Popen[bytes] | None = None
@@ -88,6 +100,11 @@ class Orthanc:
             "Plugins": plugins,
             "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         }
+        if self.count_stores:
+            script = self.workdir / "count-stores.lua"
+            script.write_text(_STORE_COUNTER_LUA)
+            script.chmod(0o644)
+            config["LuaScripts"] = [str(script)]
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config))
         command = [shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(config_path)]
@@ -124,6 +141,18 @@ class Orthanc:
                 self.process.kill()
                 self.process.wait(5)
         self.process = None
+
+    def stores(self) -> collections.Counter[str]:
+        """SOP Instance UID -> times Orthanc stored it (C-STORE or upload), across
+        restarts; needs ``count_stores``."""
+        if not self.count_stores:
+            raise RuntimeError("Orthanc(count_stores=True) counts the stores")
+        counts: collections.Counter[str] = collections.Counter()
+        if self.log_path.exists():
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if _STORED_LINE in line:
+                    counts[line.split(_STORED_LINE, 1)[1].strip()] += 1
+        return counts
 
     # -- REST --------------------------------------------------------------------------
 

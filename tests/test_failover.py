@@ -1,0 +1,121 @@
+"""Several receivers behind haproxy (L4), one shared spool folder, one PostgreSQL store,
+Orthanc as the PACS (tests/failover.py): a series split across three receivers is
+analysed once and reaches Orthanc as one result set; a receiver killed (-9) mid-series
+loses nothing acknowledged and duplicates nothing; a few kill rounds (bench/failover.py
+runs 20)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, require_tool, wait_for
+from tests.failover import Cluster, account, failover_rounds, split_series, wait_settled
+from tests.faults import RetryingSender
+from tests.haproxy import require_haproxy
+from tests.orthanc import Orthanc, orthanc_workdir
+from tests.postgres import PostgresServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pacs() -> Iterator[Orthanc]:
+    require_tool("Orthanc")
+    with orthanc_workdir() as workdir:
+        orthanc = Orthanc(workdir, free_port(), free_port(), count_stores=True)
+        orthanc.start()
+        try:
+            yield orthanc
+        finally:
+            orthanc.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, postgres_server: PostgresServer, untrained_models: Path,
+            pacs: Orthanc) -> Iterator[Cluster]:
+    require_haproxy()
+    nodes = Cluster(tmp_path, postgres_server.new_database(), untrained_models, pacs)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def test_a_series_split_across_three_receivers_is_analysed_once_and_reaches_orthanc_once(
+        cluster: Cluster, pacs: Orthanc) -> None:
+    series = split_series(24, 64)
+    sender = RetryingSender(series, cluster.port, per_association=3)
+    sender.start()
+    sender.join(180)
+    assert sender.done and sender.failures == 0, sender.failure_reasons
+    assert sender.associations == 8
+    # The balancer spread the associations, and every receiver stored part of the series.
+    received = {name: cluster.received(name) for name in cluster.nodes}
+    assert sum(received.values()) == len(series)
+    assert all(count > 0 for count in received.values()), received
+    assert wait_settled(cluster, pacs, [sender], timeout=240)
+
+    result = account(cluster, pacs, sender)
+    assert result.ok, result
+    assert result.analyses == {0: 1} and result.inference_runs == {0: 1}
+    kinds = {kind for (kind,) in cluster.store.query(
+        "SELECT DISTINCT kind FROM deliveries")}
+    assert kinds == {"seg", "sc", "sr", "ko"}
+    assert result.duplicate_sets == 0 and result.result_objects >= len(kinds)
+    # Orthanc stored each result object once: no receiver sent any of them twice.
+    stores = pacs.stores()
+    at_pacs = cluster.store.query("SELECT sop_instance_uid FROM deliveries")
+    assert {stores[uid] for (uid,) in at_pacs} == {1}
+    assert result.resends == 0
+    # One summary line for the series, from whichever receiver saw its set delivered.
+    summaries = [s for s in cluster.summaries()
+                 if s.get("series_instance_uid") == result.series_instance_uid]
+    assert [(s["generation"], s["outcome"]) for s in summaries] == [(0, "delivered")]
+
+
+def test_a_receiver_killed_mid_series_loses_nothing_acknowledged(
+        cluster: Cluster, pacs: Orthanc) -> None:
+    """kill -9 of the receiver an association is sending to through haproxy; the sender
+    sends the rest again through haproxy (to the other two), the killed one restarts."""
+    series = split_series(30, 64)
+    sender = RetryingSender(series, cluster.port, per_association=5, pause_seconds=0.2)
+    sender.start()
+
+    def busy_receiver() -> str | None:
+        """The receiver of the second association, in its middle."""
+        busy = cluster.haproxy.busy()
+        return busy[0] if len(sender.acknowledged) in (6, 7, 8) and len(busy) == 1 else None
+
+    victim = wait_for(busy_receiver, timeout=120, interval=0.02)
+    cluster.kill(victim)
+    acknowledged_at_kill = len(sender.acknowledged)
+    sender.join(180)
+    assert sender.done, sender.failure_reasons
+    assert sender.failures >= 1, "the kill cut no association"
+    assert acknowledged_at_kill < len(series)
+    cluster.restart(victim)
+    assert wait_settled(cluster, pacs, [sender], timeout=240)
+
+    result = account(cluster, pacs, sender)
+    assert result.lost == 0, result.lost_detail
+    assert result.state == "done"
+    assert result.duplicate_sets == 0 and result.extra_objects == 0
+    assert result.missing_objects == 0
+    assert result.analyses and set(result.analyses.values()) == {1}, result.analyses
+    assert result.resends == 0
+    assert result.ok, result
+
+
+def test_kill_rounds_across_receivers(cluster: Cluster, pacs: Orthanc) -> None:
+    """bench/failover.py's rounds, three of them: receive, inference, send in turn."""
+    report = failover_rounds(cluster, pacs, 3, seed=3, slices=12, max_delay_seconds=6.0)
+    print("\n".join(report.lines()))
+    assert report.settled, "\n".join(report.lines())
+    assert report.lost == 0 and report.duplicate_sets == 0, "\n".join(report.lines())
+    assert report.states == {"done": 3}, "\n".join(report.lines())
+    assert report.ok, "\n".join(report.lines())
+    assert set(report.exit_codes.values()) == {0}, report.exit_codes
