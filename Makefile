@@ -8,7 +8,7 @@ CONFIG ?= dcn_node/dcn-node.yaml
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages the test suite talks to as real peers.
 TEST_DEBS := dcmtk dicom3tools orthanc orthanc-gdcm orthanc-dicomweb prometheus chromium nodejs npm \
-             postgresql faketime haproxy
+             postgresql faketime haproxy rabbitmq-server
 # The radiologist's viewer in tests: OHIF's prebuilt app and the browser driver, pinned
 # (also in tests/ohif.py), into a cache folder outside the checkout.
 OHIF_VERSION      ?= 3.13.2
@@ -49,6 +49,7 @@ system-deps:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	test -x /usr/sbin/haproxy || command -v haproxy >/dev/null || missing="$$missing haproxy"; \
+	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || missing="$$missing rabbitmq-server"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

@@ -1,5 +1,5 @@
-"""Command line: ``dcn-node serve | status | retry | healthcheck | check-config | echo |
-phantom | analyze | train | evaluate``."""
+"""Command line: ``dcn-node serve | receive | worker | status | retry | healthcheck |
+check-config | echo | phantom | analyze | train | evaluate``."""
 
 from __future__ import annotations
 
@@ -33,13 +33,24 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``serve`` (all in one) and ``receive`` (no model: the broker's workers run it)."""
     from dcn_node.node import Node
 
     settings = _settings(args)
     configure_logging(settings.logging.level, settings.logging.format)
     for warning in security_warnings(settings, args.config or DEFAULT_CONFIG_PATH):
         logging.getLogger("dcn_node.config").warning("%s", warning)
-    Node(settings).serve_forever()
+    Node(settings, role=args.command).serve_forever()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker on the broker's queue: the model and the encoder, one job at a time."""
+    from dcn_node.node import WorkerNode
+
+    settings = _settings(args)
+    configure_logging(settings.logging.level, settings.logging.format)
+    WorkerNode(settings, queue=args.queue).serve_forever()
     return 0
 
 
@@ -382,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
+    receive = sub.add_parser("receive", help="cluster role: Storage SCP, completion and "
+                             "sending; the model runs in `dcn-node worker` processes")
+    _add_config_argument(receive)
+    receive.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="cluster role: a Celery worker taking inference "
+                            "jobs from the broker (one per GPU)")
+    _add_config_argument(worker)
+    worker.add_argument("--queue", help="the queue to consume (default: broker.queue)")
+    worker.set_defaults(func=cmd_worker)
+
     status = sub.add_parser("status", help="list received series and their states")
     _add_config_argument(status)
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -520,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command not in ("serve", "receive", "worker"):
         configure_logging("WARNING")
     try:
         return int(args.func(args))

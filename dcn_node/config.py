@@ -141,6 +141,40 @@ class StoreSettings(_Frozen):
         return value
 
 
+class BrokerSettings(_Frozen):
+    """The message broker that hands inference jobs to ``dcn-node worker`` processes
+    (Celery on RabbitMQ, cluster mode; docs/workers.md)."""
+
+    #: None: no broker; a node runs the model on its own worker thread (``serve``). An
+    #: AMQP URL (``amqp://user@rabbit.example:5672/vhost``): the node that completes a
+    #: series publishes one task per job to ``queue``, and ``dcn-node worker`` processes
+    #: run them. Needs ``store.url`` (the workers record results in the shared store) and
+    #: the ``cluster`` extra (celery).
+    url: str | None = None
+    #: The RabbitMQ quorum queue the jobs go to (``dcn-node worker --queue`` default).
+    queue: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")] = (
+        "dcn-inference"
+    )
+    #: How often a receiving node publishes again the jobs the store holds as queued and
+    #: unclaimed, or whose claim's lease ran out (a publish lost when the node died between
+    #: recording the job and publishing it, the broker down, a worker killed): duplicates
+    #: are harmless, the store's claim fences them.
+    republish_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    #: A job still queued this long after this node last published it is published again
+    #: (a message lost in a way nothing else noticed); 0: never.
+    republish_after_seconds: Annotated[float, Field(ge=0)] = 600.0
+    #: Connecting to the broker (publishing, and the /readyz broker check) gives up after
+    #: this long.
+    connect_timeout_seconds: Annotated[float, Field(gt=0)] = 3.0
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must be an amqp:// or amqps:// URL (or unset: no broker)")
+        return value
+
+
 class CompletionSettings(_Frozen):
     """When a series counts as complete, and what a valid series looks like."""
 
@@ -262,6 +296,11 @@ class InferenceSettings(_Frozen):
     #: refused as transient (the sender retries later); 0 = never refuse.
     queue_high_water: Annotated[int, Field(ge=0)] = 20
     quality_gate: QualityGateSettings = QualityGateSettings()
+    #: Tests and benchmarks only, never with a real PACS: no model at all; each series
+    #: is "analysed" by sleeping this many seconds and reports no lesion, probability 0,
+    #: model version ``sleep-stub`` (a WARNING at start says so). Measures the system
+    #: around the model (bench/scale.py). None: the real model.
+    stub_seconds: Annotated[float, Field(ge=0)] | None = None
 
 
 class SegResultSettings(_Frozen):
@@ -382,6 +421,7 @@ class Settings(_Frozen):
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
     store: StoreSettings = StoreSettings()
+    broker: BrokerSettings = BrokerSettings()
     completion: CompletionSettings = CompletionSettings()
     selection: SelectionSettings = SelectionSettings()
     destinations: tuple[Destination, ...] = ()
@@ -390,6 +430,13 @@ class Settings(_Frozen):
     results: ResultsSettings = ResultsSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _broker_needs_shared_store(self) -> Settings:
+        if self.broker.url is not None and self.store.url is None:
+            raise ValueError("broker.url needs store.url (a PostgreSQL store): workers "
+                             "record their results in the store the nodes share")
+        return self
 
     @field_validator("destinations")
     @classmethod

@@ -33,7 +33,7 @@ from tests.dicom_factory import ct_series, ct_slice
 #: Label names a dcn_ metric may carry: small fixed sets, never a UID.
 ALLOWED_LABELS = {"reason", "status", "outcome", "stage", "destination", "kind", "check",
                   "name", "version", "profile", "device", "python", "pynetdicom", "pydicom",
-                  "torch", "le"}
+                  "torch", "le", "role"}
 
 
 def get(node: Node, path: str) -> tuple[int, bytes]:

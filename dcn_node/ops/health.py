@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: The readiness checks, in the order they are reported (also the ``check`` label values).
-READINESS_CHECKS = ("scp", "model", "spool", "store", "outbox")
+READINESS_CHECKS = ("scp", "model", "spool", "store", "broker", "outbox")
 
 
 @dataclass(frozen=True)

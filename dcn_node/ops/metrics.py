@@ -84,6 +84,8 @@ STAGES = ("volume_load", "preprocessing", "lung_segmentation", "dcn", "spm", "po
 #: ``kind`` and ``outcome`` of dcn_result_deliveries_total.
 RESULT_KINDS = ("seg", "sc", "sr", "ko")
 DELIVERY_OUTCOMES = ("sent", "retry", "dead")
+#: ``role`` of dcn_role_info: the process's part in a cluster (docs/workers.md).
+ROLES = ("serve", "receive", "worker")
 #: The model this node runs (``name`` of dcn_model_info).
 MODEL_NAME = "dcn-covid19-ct"
 
@@ -200,11 +202,16 @@ class NodeMetrics:
         ``storage.min_free_bytes``, exported beside the free space for the disk alerts.
     state:
         Called at each scrape for the gauges of :class:`NodeState`; None: no such gauges.
+    role:
+        What this process does (:data:`ROLES`): ``dcn_role_info{role=...}`` is 1.
     """
 
     def __init__(self, destinations: dict[str, Sequence[str]] | None = None, *,
                  min_free_bytes: int = 0,
-                 state: Callable[[], NodeState] | None = None) -> None:
+                 state: Callable[[], NodeState] | None = None,
+                 role: str = "serve") -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         destinations = destinations or {}
         self.registry = CollectorRegistry()
         r = self.registry
@@ -264,6 +271,11 @@ class NodeMetrics:
         self.build_info = Gauge(
             "dcn_build_info", "This build of dcn-node and its main libraries.",
             ["version", "python", "pynetdicom", "pydicom", "torch"], registry=r)
+        self.role_info = Gauge(
+            "dcn_role_info", "What this process does: serve (all in one), receive (Storage "
+            "SCP, completion, sending) or worker (the model, from the broker's queue).",
+            ["role"], registry=r)
+        self.role_info.labels(role).set(1)
         self.build_info.labels(__version__, platform.python_version(),
                                _package_version("pynetdicom"), _package_version("pydicom"),
                                _package_version("torch")).set(1)

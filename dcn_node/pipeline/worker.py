@@ -120,6 +120,16 @@ class ModelWorker:
                 self._on_engine_loaded(self._engine)
         return self._engine
 
+    def load(self) -> Engine:
+        """Load the engine now (a worker process loads it before it takes jobs).
+
+        Raises
+        ------
+        Exception
+            Whatever building the engine raised; ``engine_error`` keeps the reason.
+        """
+        return self._load_engine()
+
     def wake(self) -> None:
         """A job was queued: look now rather than at the next poll."""
         self._wake.set()
@@ -127,7 +137,8 @@ class ModelWorker:
     def stop(self, timeout: float = 60.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():  # not started: process() was called by a broker task
+            self._thread.join(timeout)
         if self._leases is not None:
             self._leases.stop()
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from dcn_node.errors import InvalidInstanceError, SpoolWriteError
 from dcn_node.header import InstanceHeader, read_header_from_file
 from dcn_node.store.database import Transaction, open_index
+from dcn_node.store.jobs import Job, JobQueue
 from dcn_node.store.lease import default_node_id
 from dcn_node.store.shared_folder import NodeFiles
 
@@ -82,24 +83,6 @@ class SeriesRecord:
     frames: int = 0
     #: The largest frame count announced by the data, if any.
     announced_frames: int | None = None
-
-
-@dataclass(frozen=True)
-class Job:
-    job_id: int
-    study_instance_uid: str
-    series_instance_uid: str
-    generation: int
-    state: str
-    reason: str | None
-    #: Which claim of the job this is (1 the first, 0: not from a claim). Only the job's
-    #: latest claim can finish it: a worker whose lease ran out and whose job was claimed
-    #: again cannot record an outcome.
-    claim: int = 0
-
-
-_JOB_COLUMNS = ("job_id, study_instance_uid, series_instance_uid, generation, state, reason, "
-                "claims")
 
 
 def _header_to_json(header: InstanceHeader) -> str:
@@ -150,7 +133,7 @@ def _safe_component(uid: str) -> str:
     return safe if safe.strip(".") else "_"  # never "", "." or ".."
 
 
-class Spool:
+class Spool(JobQueue):
     """Files and index of everything the node has received and decided.
 
     Parameters
@@ -165,6 +148,8 @@ class Spool:
     node_id:
         This node's id, in the names of its temporary files (default: a new
         :func:`~dcn_node.store.lease.default_node_id`).
+
+    Jobs (queue, claims, leases, outcomes) are :class:`~dcn_node.store.jobs.JobQueue`'s.
     """
 
     def __init__(self, spool_dir: Path | str, *, fsync: bool = False,
@@ -531,100 +516,6 @@ class Spool:
                     (record.study_instance_uid, record.series_instance_uid,
                      record.generation, now, now),
                 )
-        return True
-
-    # -- jobs --------------------------------------------------------------------------
-
-    def list_jobs(self, state: str | None = None) -> list[Job]:
-        query = f"SELECT {_JOB_COLUMNS} FROM jobs"
-        args: tuple = ()
-        if state is not None:
-            query, args = query + " WHERE state = ?", (state,)
-        return [Job(*r) for r in self.query(query + " ORDER BY job_id", args)]
-
-    def count_jobs(self, state: str) -> int:
-        """Jobs in ``state`` (backpressure and queue gauges ask on every association and
-        scrape: a count, not the rows)."""
-        return int(self.query("SELECT COUNT(*) FROM jobs WHERE state=?", (state,))[0][0])
-
-    def claim_next_job(self, owner: str | None = None,
-                       lease_seconds: float | None = None) -> Job | None:
-        """Take the oldest queued job: job and series become ``processing``.
-
-        With ``lease_seconds`` the claim is a lease held by ``owner``: when it runs out
-        (:meth:`renew_lease` extends it), the job may be claimed again, by any node, and
-        this claim can no longer finish it. Without, the job is held until it finishes or
-        the node recovers (one node). Claimers on PostgreSQL pass over each other's rows
-        (``FOR UPDATE SKIP LOCKED``): two never take the same job.
-        """
-        with self._transaction() as db:
-            now = db.now()
-            row = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='queued' OR (state='processing' "
-                "AND lease_expires_at <= ?) ORDER BY job_id LIMIT 1" + self.dialect.skip_locked,
-                (now,),
-            ).fetchone()
-            if row is None:
-                return None
-            job = Job(*row)
-            claim = db.execute(
-                "UPDATE jobs SET state='processing', claims=claims+1, lease_owner=?, "
-                "lease_expires_at=?, updated_at=? WHERE job_id=? RETURNING claims",
-                (owner, None if lease_seconds is None else now + lease_seconds, now,
-                 job.job_id),
-            ).fetchone()[0]
-            db.execute(
-                "UPDATE series SET state='processing', updated_at=? WHERE study_instance_uid=? "
-                "AND series_instance_uid=? AND generation=? AND state IN "
-                "('queued', 'processing')",
-                (now, job.study_instance_uid, job.series_instance_uid, job.generation),
-            )
-        return Job(job.job_id, job.study_instance_uid, job.series_instance_uid,
-                   job.generation, "processing", None, int(claim))
-
-    def renew_lease(self, job: Job, lease_seconds: float) -> bool:
-        """Extend the lease of a claimed job from now; False when the claim is no longer
-        the job's (it ran out and the job was claimed again, or it finished)."""
-        with self._transaction() as db:
-            return db.execute(
-                "UPDATE jobs SET lease_expires_at=? WHERE job_id=? AND claims=? AND "
-                "state='processing'",
-                (db.now() + lease_seconds, job.job_id, job.claim),
-            ).rowcount == 1
-
-    def finish_job(self, job: Job, state: str, reason: str | None = None) -> bool:
-        """Record a job's outcome (``done`` or ``failed``) on the job and, unless a late
-        arrival reopened it meanwhile, on its series.
-
-        Fenced: a job from a claim (``job.claim`` > 0) is finished only while that claim is
-        the job's latest, and a series only at the job's generation, so a stale claim
-        never marks a newer claim's or generation's work. Returns whether the job's
-        outcome was recorded.
-        """
-        with self._transaction() as db:
-            return self.finish_in(db, job, state, reason)
-
-    def finish_in(self, db: Transaction, job: Job, state: str, reason: str | None = None
-                  ) -> bool:
-        """:meth:`finish_job` within the transaction ``db`` (the outbox records a result
-        set and finishes its job in one)."""
-        if state not in ("done", "failed"):
-            raise ValueError(f"a job finishes done or failed, not {state!r}")
-        fence, args = ("", ()) if job.claim == 0 else (" AND claims=?", (job.claim,))
-        now = db.now()
-        if db.execute("UPDATE jobs SET state=?, reason=?, lease_owner=NULL, "
-                      "lease_expires_at=NULL, updated_at=? WHERE job_id=?" + fence,
-                      (state, reason, now, job.job_id, *args)).rowcount != 1:
-            LOGGER.warning("Job %d of series %s (claim %d) was claimed again since; its "
-                           "outcome %s is not recorded", job.job_id,
-                           job.series_instance_uid, job.claim, state)
-            return False
-        db.execute(
-            "UPDATE series SET state=?, reason=?, updated_at=? WHERE study_instance_uid=? "
-            "AND series_instance_uid=? AND generation=? AND state='processing'",
-            (state, reason, now, job.study_instance_uid, job.series_instance_uid,
-             job.generation),
-        )
         return True
 
     # -- timeline --------------------------------------------------------------------
