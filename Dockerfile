@@ -41,8 +41,10 @@ COPY pyproject.toml README.md constraints.txt ./
 # The runtime only: dcn_train (phantoms, training) stays out of the image. The shipped weights
 # (dcn_node/models/) and default config are package data: installed with the package.
 COPY dcn_node ./dcn_node
-# constraints.txt: the pynetdicom release the fast receive path is written for.
-RUN pip install -c constraints.txt . && dcn-node --version
+# constraints.txt: the pynetdicom release the fast receive path is written for (and the
+# Celery release the workers are tested with). The cluster extra (psycopg, celery): one
+# image serves every role, all in one (serve) or in cluster mode (receive, worker).
+RUN pip install -c constraints.txt ".[cluster]" && dcn-node --version
 
 # -- runtime: the environment (its package holds the weights) and a config; no root ------
 FROM base AS runtime

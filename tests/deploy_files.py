@@ -17,6 +17,13 @@ ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
 UNIT = ROOT / "systemd" / "dcn-node.service"
 DOCKERFILE = ROOT / "Dockerfile"
 OPERATIONS_DOC = ROOT / "docs" / "operations.md"
+#: Cluster mode: the compose file, the haproxy config it mounts, Prometheus' config for
+#: it, and the systemd units of the cluster roles.
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+PROMETHEUS_CLUSTER = ROOT / "deploy" / "prometheus" / "cluster.yml"
+CLUSTER_UNITS = {"receive": ROOT / "systemd" / "dcn-node-receive.service",
+                 "worker": ROOT / "systemd" / "dcn-node-worker@.service"}
 
 #: Grafana's variables, replaced by what they stand for in a plain PromQL query.
 _GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$instance": ".*"}
@@ -65,3 +72,37 @@ def exposed_series_names(families: list[Any]) -> set[str]:
         else:
             names.add(family.name)
     return names
+
+
+#: Compose's variable forms: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}.
+_COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """``text`` with compose's variables replaced from ``env`` (KeyError: a required
+    variable, ``${VAR:?...}`` or ``${VAR}``, is not in ``env``)."""
+
+    def value(match: re.Match[str]) -> str:
+        name, form, default = match.group(1), match.group(2), match.group(3)
+        if name in env and (env[name] or not (form or "").startswith(":")):
+            return env[name]
+        if form and form.endswith("-"):
+            return default
+        raise KeyError(f"compose variable {name} is required ({default or 'no default'})")
+
+    return _COMPOSE_VARIABLE.sub(value, text)
+
+
+def compose_file() -> dict[str, Any]:
+    return dict(yaml.safe_load(COMPOSE.read_text()))
+
+
+def subcommands() -> set[str]:
+    """The dcn-node command line's subcommands (serve, receive, worker, status, ...)."""
+    import argparse
+
+    from dcn_node.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions
+                 if isinstance(a, argparse._SubParsersAction)]
+    return set(action.choices)
