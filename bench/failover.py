@@ -1,16 +1,20 @@
-"""kill -9 rounds across receivers behind haproxy (cluster mode), N rounds.
+"""kill -9 rounds across receivers and workers (cluster mode), N rounds.
 
-Three ``dcn-node serve`` receivers (untrained lite models, CPU) behind a real haproxy, on
-one PostgreSQL store and one spool folder, results to a real Orthanc. Each round sends a
-new series through haproxy (a few instances per association), waits a random time, kills
-a receiver that is receiving, analysing or sending (in turn) with SIGKILL and restarts it.
+Three ``dcn-node receive`` nodes behind a real haproxy and two ``dcn-node worker``
+processes (untrained lite models, CPU) on a real RabbitMQ, one PostgreSQL store and one
+spool folder, results to a real Orthanc (``--all-in-one``: three ``dcn-node serve`` nodes
+behind haproxy instead, no broker). Each round sends a new series through haproxy (a few
+instances per association), waits a random time, kills a node that is receiving (a
+receiver), analysing (a worker) or sending (a receiver), in turn, with SIGKILL and
+restarts it.
 At the end it prints, per round and in total: lost instances (acknowledged but not in the
 index, the spool folder or the analysed series), duplicate result sets at Orthanc, the
 series' states, analyses per generation and re-sent objects. See tests/failover.py.
 
-    .venv/bin/python bench/failover.py [--rounds 20] [--seed 1] [--receivers 3]
+    .venv/bin/python bench/failover.py [--rounds 20] [--seed 1] [--receivers 3] [--workers 2]
 
-Needs Debian's postgresql, haproxy and orthanc (``make test`` installs them as root).
+Needs Debian's postgresql, rabbitmq-server, haproxy and orthanc (``make test`` installs
+them as root).
 Exit status 1 when anything was lost, duplicated or not done.
 """
 
@@ -28,6 +32,7 @@ from tests.conftest import free_port, make_untrained_models  # noqa: E402
 from tests.failover import Cluster, failover_rounds  # noqa: E402
 from tests.orthanc import Orthanc, orthanc_workdir  # noqa: E402
 from tests.postgres import PostgresServer, postgres_bin  # noqa: E402
+from tests.rabbitmq import RabbitMQ  # noqa: E402
 
 
 def main() -> int:
@@ -35,6 +40,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--receivers", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--all-in-one", action="store_true",
+                        help="serve nodes (each also runs the model), no broker, no workers")
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--matrix", type=int, default=64)
     parser.add_argument("--per-association", type=int, default=3,
@@ -47,6 +55,7 @@ def main() -> int:
         print("no PostgreSQL server installed (apt-get install postgresql)", file=sys.stderr)
         return 2
     postgres = PostgresServer(bin_dir)
+    broker = None if args.all_in_one else RabbitMQ()
     try:
         with tempfile.TemporaryDirectory(prefix="dcn-bench-failover-") as work_dir, \
                 orthanc_workdir() as pacs_dir:
@@ -56,7 +65,8 @@ def main() -> int:
             pacs.start()
             try:
                 cluster = Cluster(work / "cluster", postgres.new_database(), models, pacs,
-                                  receivers=args.receivers)
+                                  broker_url=broker.url if broker else None,
+                                  receivers=args.receivers, workers=args.workers)
                 try:
                     cluster.start()
                     report = failover_rounds(
@@ -69,6 +79,8 @@ def main() -> int:
             finally:
                 pacs.stop()
     finally:
+        if broker is not None:
+            broker.close()
         postgres.stop()
     for line in report.lines():
         print(line)

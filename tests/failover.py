@@ -3,11 +3,14 @@ results to a real Orthanc: the cluster, the account of what became of each serie
 kill -9 rounds. Shared by tests/test_failover.py (a series split across three receivers, a
 receiver killed mid-series, a few rounds) and bench/failover.py (20 rounds and more).
 
-Each receiver is a ``dcn-node serve`` child process (untrained lite models, CPU) with its
-own node id, config and log, the shared spool folder and store, and its ``/readyz`` on a
-port of its own, which haproxy checks. Series come from a :class:`RetryingSender` through
-haproxy, a few instances per association, so that the balancer spreads one series over
-the receivers; what was not answered Success is sent again, as a PACS does.
+Each receiver is a ``dcn-node receive`` child process with its own node id, config and log,
+the shared spool folder and store, and its ``/readyz`` on a port of its own, which haproxy
+checks; the model runs in ``dcn-node worker`` processes (untrained lite models, CPU) that
+take the jobs from RabbitMQ. Without a broker the receivers are ``dcn-node serve`` nodes
+(all roles: each also runs the model, taking jobs from the store). Series come from a
+:class:`RetryingSender` through haproxy, a few instances per association, so that the
+balancer spreads one series over the receivers; what was not answered Success is sent
+again, as a PACS does.
 
 What is checked of each series (:func:`account`):
 
@@ -53,36 +56,53 @@ DESTINATION = "orthanc"
 
 
 class Cluster:
-    """``receivers`` serve nodes on one store and spool folder, behind one haproxy."""
+    """``receivers`` receive nodes and ``workers`` worker processes on one store, spool
+    folder and broker (``broker_url``), the receivers behind one haproxy. Without a
+    broker: ``receivers`` serve nodes (all roles), no workers."""
 
     def __init__(self, workdir: Path, store_url: str, models: Path, pacs: Orthanc, *,
-                 receivers: int = 3, quiet_seconds: float = 3.0,
-                 lease_seconds: float = 3.0) -> None:
+                 broker_url: str | None = None, receivers: int = 3, workers: int = 2,
+                 quiet_seconds: float = 3.0, lease_seconds: float = 3.0) -> None:
         self.workdir = workdir
         self.store_url = store_url
         self.spool_dir = workdir / "shared-spool"
         self.nodes: dict[str, NodeProcess] = {}
+        model = {"enabled": True, "device": "cpu", "models_dir": str(models)}
+        common: dict[str, Any] = {
+            "store": {"url": store_url, "lease_seconds": lease_seconds},
+            # Workers record the deliveries of their results: the receivers' destinations.
+            "destinations": [{"name": DESTINATION, "ae_title": ORTHANC_AET,
+                              "host": "127.0.0.1", "port": pacs.dicom_port}],
+            "logging": {"format": "json"},
+        }
+        if broker_url is not None:
+            common["broker"] = {"url": broker_url, "republish_interval_seconds": 0.5,
+                                "connect_timeout_seconds": 1.0}
         backends = []
         for number in range(1, receivers + 1):
             name = f"receiver-{number}"
             (workdir / name).mkdir(parents=True, exist_ok=True)
             health_port = free_port()
             self.nodes[name] = NodeProcess(
-                workdir / name,
-                node={"id": name},
-                storage={"spool_dir": str(self.spool_dir)},
-                store={"url": store_url, "lease_seconds": lease_seconds},
+                workdir / name, command="receive" if broker_url else "serve",
+                spool_dir=self.spool_dir, node={"id": name},
                 metrics={"host": "127.0.0.1", "port": health_port},
-                destinations=[{"name": DESTINATION, "ae_title": ORTHANC_AET,
-                               "host": "127.0.0.1", "port": pacs.dicom_port}],
-                inference={"enabled": True, "device": "cpu", "models_dir": str(models)},
                 sender={"retry_initial_seconds": 0.3, "retry_max_interval_seconds": 1.0,
                         "dimse_timeout_seconds": 30},
                 completion={"quiet_seconds": quiet_seconds, "check_interval_seconds": 0.2,
                             "min_slices": 5},
-                logging={"format": "json"},
-            )
+                **({} if broker_url else {"inference": model}), **common)
             backends.append(Receiver(name, self.nodes[name].port, health_port))
+        #: The names of the worker processes (none without a broker).
+        self.workers: list[str] = []
+        for number in range(1, (workers if broker_url else 0) + 1):
+            name = f"worker-{number}"
+            (workdir / name).mkdir(parents=True, exist_ok=True)
+            self.nodes[name] = NodeProcess(workdir / name, command="worker",
+                                           spool_dir=self.spool_dir, node={"id": name},
+                                           inference=model, **common)
+            self.workers.append(name)
+        self.receivers = [r.name for r in backends]
         self.haproxy = HAProxy(workdir / "haproxy", backends)
         self._observer: Spool | None = None
 
@@ -95,7 +115,7 @@ class Cluster:
         for node in self.nodes.values():
             node.start()
         self.haproxy.start()
-        for name in self.nodes:
+        for name in self.receivers:
             self.haproxy.wait_until(name, "UP", timeout=120)
 
     def kill(self, name: str) -> None:
@@ -103,10 +123,10 @@ class Cluster:
         self.nodes[name].kill()
 
     def restart(self, name: str, *, wait_up: bool = True) -> None:
-        """Start it again (same id, port and config); with ``wait_up`` until haproxy
-        routes to it again (its /readyz answers 200: model loaded, store reachable)."""
+        """Start it again (same id, port and config; a worker: until its /readyz answers
+        200); a receiver with ``wait_up``: until haproxy routes to it again."""
         self.nodes[name].start()
-        if wait_up:
+        if wait_up and name in self.receivers:
             self.haproxy.wait_until(name, "UP", timeout=120)
 
     def stop(self) -> dict[str, int | None]:
@@ -135,7 +155,7 @@ class Cluster:
         return self._observer
 
     def activity(self, name: str, senders: list[RetryingSender]) -> set[str]:
-        """What the receiver is doing now: receive (an association open to it through
+        """What the node is doing now: receive (an association open to it through
         haproxy), inference (it holds a job), send (it holds a delivery)."""
         phases = set()
         if name in self.haproxy.busy() and any(s.sending.is_set() for s in senders):
@@ -358,9 +378,11 @@ class FailoverReport:
                 f"{s.resends:>8}  {s.state} (generation {s.generation})"
                 + ("; " + "; ".join(s.lost_detail) if s.lost_detail else ""))
         phases = collections.Counter(p for r in self.rounds for p in (r.phases or {"idle"}))
+        roles = collections.Counter(r.victim.split("-")[0] + "s" for r in self.rounds)
         resends = sum(r.series.resends for r in self.rounds if r.series)
         out += [
-            f"kill -9 rounds: {len(self.rounds)} (victim busy with: "
+            f"kill -9 rounds: {len(self.rounds)} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(roles.items())) + "; victim busy with: "
             + ", ".join(f"{k} {v}" for k, v in sorted(phases.items())) + ")",
             f"lost instances: {self.lost}",
             f"duplicate result sets at Orthanc: {self.duplicate_sets}",
@@ -378,9 +400,10 @@ def failover_rounds(cluster: Cluster, pacs: Orthanc, rounds: int, *, seed: int =
                     slices: int = 16, matrix: int = 64, per_association: int = 3,
                     max_delay_seconds: float = 8.0,
                     log: Callable[[str], None] = print) -> FailoverReport:
-    """``rounds`` rounds: a new series through haproxy, a random wait, kill -9 of a
-    receiver (one busy receiving, analysing or sending, in turn, when there is one),
-    restart it. Then wait for every series to settle and account for each."""
+    """``rounds`` rounds: a new series through haproxy, a random wait, kill -9 of a node
+    (one busy receiving, analysing or sending, in turn, when there is one: receivers
+    receive and send, workers analyse), restart it. Then wait for every series to settle
+    and account for each."""
     rng = random.Random(seed)
     started = time.monotonic()
     senders: list[RetryingSender] = []

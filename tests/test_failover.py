@@ -1,8 +1,9 @@
-"""Several receivers behind haproxy (L4), one shared spool folder, one PostgreSQL store,
-Orthanc as the PACS (tests/failover.py): a series split across three receivers is
-analysed once and reaches Orthanc as one result set; a receiver killed (-9) mid-series
-loses nothing acknowledged and duplicates nothing; a few kill rounds (bench/failover.py
-runs 20)."""
+"""Three ``dcn-node receive`` nodes behind haproxy (L4) and two ``dcn-node worker``
+processes on RabbitMQ, one shared spool folder, one PostgreSQL store, Orthanc as the PACS
+(tests/failover.py): a series split across the three receivers is analysed once and
+reaches Orthanc as one result set; a receiver killed (-9) mid-series loses nothing
+acknowledged and duplicates nothing; a few kill rounds across receivers and workers
+(bench/failover.py runs 20)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.faults import RetryingSender
 from tests.haproxy import require_haproxy
 from tests.orthanc import Orthanc, orthanc_workdir
 from tests.postgres import PostgresServer
+from tests.rabbitmq import RabbitMQ, own_rabbitmq
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +36,17 @@ def pacs() -> Iterator[Orthanc]:
 
 
 @pytest.fixture
+def broker() -> Iterator[RabbitMQ]:
+    with own_rabbitmq() as server:
+        yield server
+
+
+@pytest.fixture
 def cluster(tmp_path: Path, postgres_server: PostgresServer, untrained_models: Path,
-            pacs: Orthanc) -> Iterator[Cluster]:
+            pacs: Orthanc, broker: RabbitMQ) -> Iterator[Cluster]:
     require_haproxy()
-    nodes = Cluster(tmp_path, postgres_server.new_database(), untrained_models, pacs)
+    nodes = Cluster(tmp_path, postgres_server.new_database(), untrained_models, pacs,
+                    broker_url=broker.url, receivers=3, workers=2)
     try:
         nodes.start()
         yield nodes
@@ -54,7 +63,7 @@ def test_a_series_split_across_three_receivers_is_analysed_once_and_reaches_orth
     assert sender.done and sender.failures == 0, sender.failure_reasons
     assert sender.associations == 8
     # The balancer spread the associations, and every receiver stored part of the series.
-    received = {name: cluster.received(name) for name in cluster.nodes}
+    received = {name: cluster.received(name) for name in cluster.receivers}
     assert sum(received.values()) == len(series)
     assert all(count > 0 for count in received.values()), received
     assert wait_settled(cluster, pacs, [sender], timeout=240)
@@ -110,8 +119,9 @@ def test_a_receiver_killed_mid_series_loses_nothing_acknowledged(
     assert result.ok, result
 
 
-def test_kill_rounds_across_receivers(cluster: Cluster, pacs: Orthanc) -> None:
-    """bench/failover.py's rounds, three of them: receive, inference, send in turn."""
+def test_kill_rounds_across_receivers_and_workers(cluster: Cluster, pacs: Orthanc) -> None:
+    """bench/failover.py's rounds, three of them: a receiver receiving, a worker
+    analysing, a receiver sending."""
     report = failover_rounds(cluster, pacs, 3, seed=3, slices=12, max_delay_seconds=6.0)
     print("\n".join(report.lines()))
     assert report.settled, "\n".join(report.lines())
