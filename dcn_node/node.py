@@ -546,6 +546,10 @@ class WorkerNode(_ModelStages):
             self.worker.load()
         except Exception:  # the worker still runs; each job fails with the reason
             LOGGER.exception("Model not loaded: %s", self.worker.engine_error)
+        # What a job runs, imported now rather than on the first job's time.
+        import dcn_node.inference.analysis
+        import dcn_node.results
+        import dcn_node.volume  # noqa: F401
         level = self.settings.logging.level
         LOGGER.info("dcn-node worker %s takes jobs from queue %s", self.node_id, self.queue)
         try:

@@ -129,6 +129,11 @@ class WorkerCluster:
                                 "lease_owner IS NOT NULL")
         return str(rows[0][0]) if rows else None
 
+    def inference_started(self, sender: Any) -> bool:
+        first = sender.datasets[0]
+        return any(event == "inference_start" for _, event, _, _ in self.store.timeline(
+            str(first.StudyInstanceUID), str(first.SeriesInstanceUID)))
+
     def done(self, senders: list[Any]) -> bool:
         for sender in senders:
             first = sender.datasets[0]
@@ -236,7 +241,9 @@ def test_a_worker_killed_mid_analysis_leaves_the_job_to_the_other_worker(
                             cluster.receiver.port)
     sender.start()
     holder = wait_for(cluster.job_holder, timeout=120, interval=0.1)
+    wait_for(lambda: cluster.inference_started(sender), timeout=60, interval=0.1)
     time.sleep(1.0)
+    assert cluster.job_holder() == holder
     cluster.workers[holder].kill()
     other = next(name for name in cluster.workers if name != holder)
     wait_for(lambda: cluster.done([sender]), timeout=180, interval=0.5)

@@ -46,6 +46,7 @@ LOGGER = logging.getLogger(__name__)
 
 #: The one task: analyse job ``job_id`` (generation ``generation``), encode its results.
 TASK_NAME = "dcn_node.analyse_job"
+_ONE_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
 def _celery() -> Any:
@@ -103,6 +104,9 @@ def celery_app(broker: BrokerSettings, queue: str | None = None) -> Celery:
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
         worker_enable_remote_control=False,
+        # Celery 6's default: a task whose connection was lost is not acknowledged later
+        # (its message goes to another worker; the store's claim fences the two).
+        worker_cancel_long_running_tasks_on_connection_loss=True,
     )
     return app
 
@@ -221,9 +225,11 @@ class JobPublisher:
                         not self.republish_after or now - last[1] < self.republish_after):
                     continue
                 try:
+                    # One retry at once: a pooled connection the broker dropped (it
+                    # restarted) fails the first try and reconnects for the second.
                     self.app.send_task(TASK_NAME, args=[job.job_id, job.generation],
                                        queue=self.queue, routing_key=self.queue,
-                                       retry=False)
+                                       retry=True, retry_policy=_ONE_RETRY)
                 except Exception as exc:  # broker down: the jobs wait in the store
                     self._state.failed(exc)
                     break

@@ -31,6 +31,8 @@ class SleepStubEngine:
     device = "none"
 
     def __init__(self, seconds: float) -> None:
+        import dcn_node.inference.engine  # noqa: F401  (torch: loaded with the "model")
+
         self.seconds = seconds
         LOGGER.warning("inference.stub_seconds is set: no model runs, each series sleeps "
                        "%.1f s and reports nothing found (tests and benchmarks only)",
