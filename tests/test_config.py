@@ -63,6 +63,21 @@ def test_every_problem_is_reported_at_once_with_its_key_path() -> None:
     assert len(caught.value.problems) >= 8
 
 
+def test_a_broker_is_an_amqp_url_and_needs_the_shared_store() -> None:
+    settings = parse_settings({"store": {"url": "postgresql://db/dcn"},
+                               "broker": {"url": "amqp://dcn@rabbit:5672/dcn"}})
+    assert settings.broker.queue == "dcn-inference" and settings.inference.stub_seconds is None
+    assert parse_settings({}).broker.url is None  # the embedded default: no broker
+    with pytest.raises(ConfigError, match=r"broker.url: .*amqp"):
+        parse_settings({"store": {"url": "postgresql://db/dcn"},
+                        "broker": {"url": "redis://cache:6379/0"}})
+    with pytest.raises(ConfigError, match="broker.url needs store.url"):
+        parse_settings({"broker": {"url": "amqp://rabbit//"}})
+    with pytest.raises(ConfigError, match="broker.queue"):
+        parse_settings({"store": {"url": "postgresql://db/dcn"},
+                        "broker": {"url": "amqp://rabbit//", "queue": "no spaces"}})
+
+
 def test_missing_and_malformed_files_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml")
