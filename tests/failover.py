@@ -409,6 +409,7 @@ def failover_rounds(cluster: Cluster, pacs: Orthanc, rounds: int, *, seed: int =
     senders: list[RetryingSender] = []
     done_rounds: list[Round] = []
     wanted = ["receive", "inference", "send"]
+    kills: collections.Counter[str] = collections.Counter()
     for number in range(1, rounds + 1):
         sender = RetryingSender(split_series(slices, matrix), cluster.port,
                                 per_association=per_association, pause_seconds=0.05)
@@ -423,7 +424,11 @@ def failover_rounds(cluster: Cluster, pacs: Orthanc, rounds: int, *, seed: int =
             if busy or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        victim = rng.choice(busy or sorted(cluster.nodes))
+        # Of the candidates, one killed least so far: every node gets its turn.
+        candidates = busy or sorted(cluster.nodes)
+        fewest = min(kills[name] for name in candidates)
+        victim = rng.choice([name for name in candidates if kills[name] == fewest])
+        kills[victim] += 1
         cluster.kill(victim)
         done_rounds.append(Round(number, victim, activity[victim]))
         log(f"round {number}/{rounds}: killed {victim} while "
