@@ -91,10 +91,20 @@ def run(work: Path, store_url: str, broker: RabbitMQ, pacs: RecordingPacs, model
         span = {event: (float(first), float(last)) for event, first, last in events}
         seconds = span["results_recorded"][1] - span["inference_start"][0]
         runs = store.query("SELECT COUNT(*) FROM timeline WHERE event='inference_start'")
+        # Per series, from its analysis' start to its results recorded: the worker's time
+        # on it (grows when the workers compete for the CPU); and how long jobs waited
+        # between two series of one worker (dispatch), estimated from the total.
+        busy = store.query(
+            "SELECT s.series_instance_uid, MIN(s.at), MAX(r.at) FROM timeline s JOIN "
+            "timeline r ON r.series_instance_uid = s.series_instance_uid AND "
+            "r.event = 'results_recorded' WHERE s.event = 'inference_start' "
+            "GROUP BY s.series_instance_uid")
+        service = sum(float(end) - float(start) for _, start, end in busy) / len(busy)
         return {"engine": engine, "workers": workers, "series": args.series,
                 "failed": failed, "seconds": seconds,
                 "per_minute": args.series / seconds * 60.0,
-                "inference_runs": int(runs[0][0]),
+                "inference_runs": int(runs[0][0]), "service": service,
+                "idle": 1.0 - service * args.series / (seconds * workers),
                 "wall": time.monotonic() - sent_at}
     finally:
         for node in [receiver, *nodes]:
@@ -137,19 +147,22 @@ def main() -> int:
                     results.append(result)
                     print(f"  {engine} {workers} worker(s): {result['seconds']:.1f} s, "
                           f"{result['per_minute']:.1f} series/min "
-                          f"({result['failed']} failed, {result['inference_runs']} runs)",
+                          f"({result['failed']} failed, {result['inference_runs']} runs, "
+                          f"{result['service']:.2f} s per series in a worker, workers idle "
+                          f"{result['idle']:.0%} of the time)",
                           flush=True)
         finally:
             pacs.stop()
             broker.close()
             postgres.stop()
     print(f"\n{'engine':<6} {'workers':>7} {'series':>6} {'seconds':>8} {'series/min':>10} "
-          f"{'x one':>6}")
+          f"{'x one':>6} {'s/series':>8}")
     for result in results:
         one = next(r for r in results if r["engine"] == result["engine"])
         ratio = result["per_minute"] / one["per_minute"]
         print(f"{result['engine']:<6} {result['workers']:>7} {result['series']:>6} "
-              f"{result['seconds']:>8.1f} {result['per_minute']:>10.1f} {ratio:>6.2f}")
+              f"{result['seconds']:>8.1f} {result['per_minute']:>10.1f} {ratio:>6.2f} "
+              f"{result['service']:>8.2f}")
     return 0
 
 
