@@ -93,9 +93,11 @@ bench: venv
 	$(PY) bench/ingest.py
 	$(PY) bench/memory.py
 
-# The long robustness runs (docs/robustness.md): kill -9 rounds, load, fuzzing.
+# The long robustness runs (docs/robustness.md): kill -9 rounds (one node; a cluster's
+# receivers and workers), load, fuzzing.
 bench-robustness: venv
 	$(PY) bench/faults.py --rounds 20
+	$(PY) bench/failover.py --rounds 20
 	$(PY) bench/load.py
 	$(PY) bench/fuzz.py --seconds 600
 
