@@ -103,7 +103,8 @@ bench-robustness: venv
 
 # The systemd service (docs/operations.md#systemd), as root, for a checkout at INSTALL_DIR
 # whose .venv exists (`make venv` there): user dcn-node, /etc/dcn-node/dcn-node.yaml (kept
-# when present), the unit with INSTALL_DIR in its paths, daemon-reload. Does not start it.
+# when present), the unit with INSTALL_DIR in its paths, daemon-reload; the cluster roles'
+# units too (docs/operations.md#cluster-roles). Does not start or enable any.
 install-systemd:
 	@test "$$(id -u)" = 0 || { echo "run as root: sudo make install-systemd"; exit 1; }
 	@test -x "$(INSTALL_DIR)/.venv/bin/dcn-node" || { echo "$(INSTALL_DIR)/.venv/bin/dcn-node \
@@ -119,9 +120,13 @@ install-systemd:
 	sed 's#/opt/dcn-node#$(INSTALL_DIR)#g' systemd/dcn-node.service \
 	  > $(SYSTEMD_DIR)/dcn-node.service
 	systemd-analyze verify $(SYSTEMD_DIR)/dcn-node.service
+	for unit in dcn-node-receive.service dcn-node-worker@.service; do \
+	  sed 's#/opt/dcn-node#$(INSTALL_DIR)#g' systemd/$$unit > $(SYSTEMD_DIR)/$$unit; done
 	systemctl daemon-reload
 	@echo "Installed. Set destinations in /etc/dcn-node/dcn-node.yaml, then:"
 	@echo "  systemctl enable --now dcn-node && systemctl status dcn-node"
+	@echo "Cluster mode (README): dcn-node-receive, and dcn-node-worker@N with"
+	@echo "  /etc/dcn-node/worker-N.yaml per GPU, instead of dcn-node"
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -122,6 +122,7 @@ def test_install_systemd_target_is_well_formed() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "sed 's#/opt/dcn-node#/srv/dcn#g' systemd/dcn-node.service" in result.stdout
+    assert "dcn-node-receive.service dcn-node-worker@.service" in result.stdout
     assert "systemctl daemon-reload" in result.stdout
 
 
