@@ -84,6 +84,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  listens as {node.ae_title} on {node.host}:{node.port}")
     print(f"  spool {settings.storage.spool_dir.resolve()} (fsync {settings.storage.fsync})")
     print(f"  index {'in PostgreSQL (store.url)' if settings.store.url else 'index.sqlite3'}")
+    if settings.broker.url:
+        from dcn_node.pipeline.broker import sanitized
+
+        print(f"  jobs through {sanitized(settings.broker.url)}, queue {settings.broker.queue}")
     for dest in settings.destinations:
         print(f"  sends to {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}")
     for warning in security_warnings(settings, args.config or DEFAULT_CONFIG_PATH):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dcn_node.config import parse_settings
-from dcn_node.pipeline.broker import TASK_NAME, JobPublisher, celery_app
+from dcn_node.pipeline.broker import TASK_NAME, JobPublisher, celery_app, sanitized
 from dcn_node.store.spool import Spool
 from tests.conftest import test_config
 from tests.postgres import PostgresServer
@@ -49,6 +49,12 @@ def test_a_job_is_claimed_by_id_only_while_queued_or_its_lease_ran_out(spool: Sp
     # A worker restarted under its id gives back what it held.
     assert spool.release_jobs("worker-a") == 1
     assert [(j.job_id, j.state) for j in spool.unclaimed_jobs()] == [(second.job_id, "queued")]
+
+
+def test_broker_urls_are_shown_without_their_password() -> None:
+    assert sanitized("amqp://dcn:s3cret@rabbit:5672/dcn") == "amqp://dcn:**@rabbit:5672/dcn"
+    assert sanitized("amqp://dcn:p@ss@rabbit//") == "amqp://dcn:**@rabbit//"
+    assert sanitized("amqps://rabbit.example/dcn") == "amqps://rabbit.example/dcn"
 
 
 @pytest.mark.slow

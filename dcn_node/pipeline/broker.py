@@ -60,9 +60,14 @@ def _celery() -> Any:
 
 def sanitized(url: str) -> str:
     """The broker URL with its password blanked out (for logs and /readyz)."""
-    from kombu.utils.url import maybe_sanitize_url
-
-    return str(maybe_sanitize_url(url))
+    scheme, found, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not found or "@" not in netloc:
+        return url
+    userinfo, host = netloc.rsplit("@", 1)
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":**"
+    return f"{scheme}://{userinfo}@{host}{slash}{path}"
 
 
 def celery_app(broker: BrokerSettings, queue: str | None = None) -> Celery:
