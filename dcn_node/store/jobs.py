@@ -83,23 +83,7 @@ class JobQueue:
                 "AND lease_expires_at <= ?) ORDER BY job_id LIMIT 1" + self.dialect.skip_locked,
                 (now,),
             ).fetchone()
-            if row is None:
-                return None
-            job = Job(*row)
-            claim = db.execute(
-                "UPDATE jobs SET state='processing', claims=claims+1, lease_owner=?, "
-                "lease_expires_at=?, updated_at=? WHERE job_id=? RETURNING claims",
-                (owner, None if lease_seconds is None else now + lease_seconds, now,
-                 job.job_id),
-            ).fetchone()[0]
-            db.execute(
-                "UPDATE series SET state='processing', updated_at=? WHERE study_instance_uid=? "
-                "AND series_instance_uid=? AND generation=? AND state IN "
-                "('queued', 'processing')",
-                (now, job.study_instance_uid, job.series_instance_uid, job.generation),
-            )
-        return Job(job.job_id, job.study_instance_uid, job.series_instance_uid,
-                   job.generation, "processing", None, int(claim))
+            return None if row is None else _take(db, Job(*row), owner, lease_seconds, now)
 
     def claim_job(self, job_id: int, owner: str | None = None,
                   lease_seconds: float | None = None) -> Job | None:
@@ -114,22 +98,7 @@ class JobQueue:
                 "(state='processing' AND lease_expires_at <= ?))" + self.dialect.skip_locked,
                 (job_id, now),
             ).fetchone()
-            if row is None:
-                return None
-            job = Job(*row)
-            claim = db.execute(
-                "UPDATE jobs SET state='processing', claims=claims+1, lease_owner=?, "
-                "lease_expires_at=?, updated_at=? WHERE job_id=? RETURNING claims",
-                (owner, None if lease_seconds is None else now + lease_seconds, now, job_id),
-            ).fetchone()[0]
-            db.execute(
-                "UPDATE series SET state='processing', updated_at=? WHERE study_instance_uid=? "
-                "AND series_instance_uid=? AND generation=? AND state IN "
-                "('queued', 'processing')",
-                (now, job.study_instance_uid, job.series_instance_uid, job.generation),
-            )
-        return Job(job.job_id, job.study_instance_uid, job.series_instance_uid,
-                   job.generation, "processing", None, int(claim))
+            return None if row is None else _take(db, Job(*row), owner, lease_seconds, now)
 
     def release_jobs(self, owner: str) -> int:
         """Give back the jobs ``owner`` holds (a worker restarted under the same
@@ -193,3 +162,21 @@ class JobQueue:
              job.generation),
         )
         return True
+
+
+def _take(db: Transaction, job: Job, owner: str | None, lease_seconds: float | None,
+          now: float) -> Job:
+    """Inside a claimer's transaction: ``job`` and its series become ``processing`` under
+    a new claim (its number fences what the claim may record later)."""
+    claim = db.execute(
+        "UPDATE jobs SET state='processing', claims=claims+1, lease_owner=?, "
+        "lease_expires_at=?, updated_at=? WHERE job_id=? RETURNING claims",
+        (owner, None if lease_seconds is None else now + lease_seconds, now, job.job_id),
+    ).fetchone()[0]
+    db.execute(
+        "UPDATE series SET state='processing', updated_at=? WHERE study_instance_uid=? "
+        "AND series_instance_uid=? AND generation=? AND state IN ('queued', 'processing')",
+        (now, job.study_instance_uid, job.series_instance_uid, job.generation),
+    )
+    return Job(job.job_id, job.study_instance_uid, job.series_instance_uid, job.generation,
+               "processing", None, int(claim))
