@@ -29,9 +29,13 @@ What is checked of each series (:func:`account`):
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import random
+import signal
+import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -44,7 +48,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 
 from dcn_node.store.spool import Spool
-from tests.conftest import free_port
 from tests.dicom_factory import ct_series
 from tests.faults import RetryingSender
 from tests.haproxy import HAProxy, Receiver
@@ -53,6 +56,31 @@ from tests.orthanc import ORTHANC_AET, Orthanc
 
 #: The destination name of Orthanc in the nodes' configs.
 DESTINATION = "orthanc"
+
+
+_PORTS = random.SystemRandom()
+#: Nodes write every thread's stack to their log on SIGABRT (see :meth:`Cluster.stop`).
+_FAULTHANDLER = {"PYTHONFAULTHANDLER": "1"}
+
+
+def listening_port() -> int:
+    """A free port below the kernel's ephemeral range (32768 and up on Linux).
+
+    A cluster picks a dozen ports before its processes bind them, one after the other,
+    over many seconds; a port from ``bind(0)`` is an ephemeral one, which an outgoing
+    connection meanwhile (haproxy's health checks, the nodes' own clients) may take as its
+    source port: the node then fails with EADDRINUSE. Ports from below that range are
+    handed out only to those who ask for them by number.
+    """
+    for _ in range(200):
+        port = _PORTS.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 class Cluster:
@@ -82,10 +110,11 @@ class Cluster:
         for number in range(1, receivers + 1):
             name = f"receiver-{number}"
             (workdir / name).mkdir(parents=True, exist_ok=True)
-            health_port = free_port()
+            health_port = listening_port()
             self.nodes[name] = NodeProcess(
                 workdir / name, command="receive" if broker_url else "serve",
-                spool_dir=self.spool_dir, node={"id": name},
+                spool_dir=self.spool_dir, env=_FAULTHANDLER,
+                node={"id": name, "port": listening_port()},
                 metrics={"host": "127.0.0.1", "port": health_port},
                 sender={"retry_initial_seconds": 0.3, "retry_max_interval_seconds": 1.0,
                         "dimse_timeout_seconds": 30},
@@ -98,12 +127,16 @@ class Cluster:
         for number in range(1, (workers if broker_url else 0) + 1):
             name = f"worker-{number}"
             (workdir / name).mkdir(parents=True, exist_ok=True)
-            self.nodes[name] = NodeProcess(workdir / name, command="worker",
-                                           spool_dir=self.spool_dir, node={"id": name},
-                                           inference=model, **common)
+            self.nodes[name] = NodeProcess(
+                workdir / name, command="worker", spool_dir=self.spool_dir,
+                env=_FAULTHANDLER, node={"id": name},
+                metrics={"host": "127.0.0.1", "port": listening_port()},
+                inference=model, **common)
             self.workers.append(name)
         self.receivers = [r.name for r in backends]
-        self.haproxy = HAProxy(workdir / "haproxy", backends)
+        self.haproxy = HAProxy(workdir / "haproxy", backends, port=listening_port())
+        #: Per node that did not stop on SIGTERM: the end of its log, stacks included.
+        self.stuck: dict[str, str] = {}
         self._observer: Spool | None = None
 
     @property
@@ -130,12 +163,21 @@ class Cluster:
             self.haproxy.wait_until(name, "UP", timeout=120)
 
     def stop(self) -> dict[str, int | None]:
-        """SIGTERM every node still running (their exit codes), then haproxy."""
+        """SIGTERM every node still running (their exit codes), then haproxy. A node that
+        does not stop within 30 s gets SIGABRT, which makes Python's faulthandler write
+        every thread's stack to its log (:attr:`stuck`), and exit code None."""
         codes: dict[str, int | None] = {}
         try:
             for name, node in self.nodes.items():
                 if node.process is not None and node.process.poll() is None:
-                    codes[name] = node.terminate()
+                    try:
+                        codes[name] = node.terminate()
+                    except subprocess.TimeoutExpired:
+                        codes[name] = None
+                        node.process.send_signal(signal.SIGABRT)
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            node.process.wait(10)
+                        self.stuck[name] = node.log_path.read_text(errors="replace")[-6000:]
         finally:
             for node in self.nodes.values():
                 if node.process is not None and node.process.poll() is None:

@@ -86,10 +86,12 @@ backend receivers
 class HAProxy:
     """One haproxy process with its config, admin socket and log in ``workdir``."""
 
-    def __init__(self, workdir: Path, receivers: list[Receiver]) -> None:
+    def __init__(self, workdir: Path, receivers: list[Receiver], *,
+                 port: int | None = None) -> None:
         self.workdir = workdir
         self.receivers = receivers
-        self.port = free_port()
+        #: The DICOM frontend's port (default: a free one).
+        self.port = port or free_port()
         self.admin_socket = workdir / "admin.sock"
         self.config_path = workdir / "haproxy.cfg"
         self.log_path = workdir / "haproxy.log"

@@ -33,7 +33,8 @@ class NodeProcess:
         self.command = command
         #: Extra environment of the child (e.g. NOTIFY_SOCKET).
         self.env = env or {}
-        self.port = free_port()
+        #: The DICOM port: node.port when the caller gives one, else a free one.
+        self.port = int(sections.get("node", {}).get("port") or free_port())
         sections["completion"] = {"quiet_seconds": 2.0, **sections.get("completion", {})}
         sections["node"] = {**sections.get("node", {}), "port": self.port}
         #: The /metrics, /healthz and /readyz port (0: picked by the node, unknown here).

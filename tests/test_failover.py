@@ -147,4 +147,4 @@ def test_kill_rounds_across_receivers_and_workers(cluster: Cluster, pacs: Orthan
     assert report.lost == 0 and report.duplicate_sets == 0, "\n".join(report.lines())
     assert report.states == {"done": 3}, "\n".join(report.lines())
     assert report.ok, "\n".join(report.lines())
-    assert set(report.exit_codes.values()) == {0}, report.exit_codes
+    assert set(report.exit_codes.values()) == {0}, (report.exit_codes, cluster.stuck)
