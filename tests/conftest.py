@@ -213,3 +213,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
+
+
+@pytest.fixture
+def counting_pacs() -> Iterator[Any]:
+    """Orthanc as the PACS, counting every instance it stores (re-sends included): the
+    cluster tests' "no duplicate result set" is read there."""
+    from tests.orthanc import Orthanc, orthanc_workdir
+
+    require_tool("Orthanc")
+    with orthanc_workdir() as workdir:
+        orthanc = Orthanc(workdir, free_port(), free_port(), count_stores=True)
+        orthanc.start()
+        try:
+            yield orthanc
+        finally:
+            orthanc.stop()
+
+
+@pytest.fixture
+def broker() -> Iterator[Any]:
+    """A RabbitMQ server of the test's own (tests/rabbitmq.py)."""
+    from tests.rabbitmq import own_rabbitmq
+
+    with own_rabbitmq() as server:
+        yield server

@@ -13,40 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require_tool, wait_for
+from tests.conftest import wait_for
 from tests.failover import Cluster, account, failover_rounds, split_series, wait_settled
 from tests.faults import RetryingSender
 from tests.haproxy import require_haproxy
-from tests.orthanc import Orthanc, orthanc_workdir
+from tests.orthanc import Orthanc
 from tests.postgres import PostgresServer
-from tests.rabbitmq import RabbitMQ, own_rabbitmq
+from tests.rabbitmq import RabbitMQ
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def pacs() -> Iterator[Orthanc]:
-    require_tool("Orthanc")
-    with orthanc_workdir() as workdir:
-        orthanc = Orthanc(workdir, free_port(), free_port(), count_stores=True)
-        orthanc.start()
-        try:
-            yield orthanc
-        finally:
-            orthanc.stop()
-
-
-@pytest.fixture
-def broker() -> Iterator[RabbitMQ]:
-    with own_rabbitmq() as server:
-        yield server
-
-
-@pytest.fixture
 def cluster(tmp_path: Path, postgres_server: PostgresServer, untrained_models: Path,
-            pacs: Orthanc, broker: RabbitMQ) -> Iterator[Cluster]:
+            counting_pacs: Orthanc, broker: RabbitMQ) -> Iterator[Cluster]:
     require_haproxy()
-    nodes = Cluster(tmp_path, postgres_server.new_database(), untrained_models, pacs,
+    nodes = Cluster(tmp_path, postgres_server.new_database(), untrained_models, counting_pacs,
                     broker_url=broker.url, receivers=3, workers=2)
     try:
         nodes.start()
@@ -56,7 +38,7 @@ def cluster(tmp_path: Path, postgres_server: PostgresServer, untrained_models: P
 
 
 def test_a_series_split_across_three_receivers_is_analysed_once_per_generation(
-        cluster: Cluster, pacs: Orthanc) -> None:
+        cluster: Cluster, counting_pacs: Orthanc) -> None:
     """24 slices in 8 associations through haproxy, spread over the three receivers: one
     analysis, one result set at Orthanc. A late slice (to whichever receiver haproxy picks)
     makes generation 1: analysed once too; Orthanc stores each object once per set."""
@@ -70,8 +52,8 @@ def test_a_series_split_across_three_receivers_is_analysed_once_per_generation(
     received = {name: cluster.received(name) for name in cluster.receivers}
     assert sum(received.values()) == len(series) - 1
     assert all(count > 0 for count in received.values()), received
-    assert wait_settled(cluster, pacs, [sender], timeout=240)
-    first = account(cluster, pacs, sender)
+    assert wait_settled(cluster, counting_pacs, [sender], timeout=240)
+    first = account(cluster, counting_pacs, sender)
     assert first.ok, first
     assert first.analyses == {0: 1} and first.inference_runs == {0: 1}
     assert first.resends == 0
@@ -82,8 +64,8 @@ def test_a_series_split_across_three_receivers_is_analysed_once_per_generation(
     assert late.done, late.failure_reasons
     whole = RetryingSender(series, cluster.port)  # the account of both sends (not started)
     whole.acknowledged = sender.acknowledged | late.acknowledged
-    assert wait_settled(cluster, pacs, [whole], timeout=240)
-    result = account(cluster, pacs, whole)
+    assert wait_settled(cluster, counting_pacs, [whole], timeout=240)
+    result = account(cluster, counting_pacs, whole)
     assert result.ok, result
     assert result.generation == 1 and result.acknowledged == len(series)
     assert result.analyses == {0: 1, 1: 1} and result.inference_runs == {0: 1, 1: 1}
@@ -93,7 +75,7 @@ def test_a_series_split_across_three_receivers_is_analysed_once_per_generation(
     assert result.duplicate_sets == 0 and result.result_objects >= len(kinds)
     # Orthanc stored each result object once per set it belongs to: no receiver sent any
     # of them twice (the same UIDs in both sets: the newer supersedes).
-    stores = pacs.stores()
+    stores = counting_pacs.stores()
     sent = collections.Counter(uid for (uid,) in cluster.store.query(
         "SELECT sop_instance_uid FROM deliveries WHERE state='sent'"))
     assert {uid: stores[uid] for uid in sent} == dict(sent)
@@ -106,7 +88,7 @@ def test_a_series_split_across_three_receivers_is_analysed_once_per_generation(
 
 
 def test_a_receiver_killed_mid_series_loses_nothing_acknowledged(
-        cluster: Cluster, pacs: Orthanc) -> None:
+        cluster: Cluster, counting_pacs: Orthanc) -> None:
     """kill -9 of the receiver an association is sending to through haproxy; the sender
     sends the rest again through haproxy (to the other two), the killed one restarts."""
     series = split_series(30, 64)
@@ -126,9 +108,9 @@ def test_a_receiver_killed_mid_series_loses_nothing_acknowledged(
     assert sender.failures >= 1, "the kill cut no association"
     assert acknowledged_at_kill < len(series)
     cluster.restart(victim)
-    assert wait_settled(cluster, pacs, [sender], timeout=240)
+    assert wait_settled(cluster, counting_pacs, [sender], timeout=240)
 
-    result = account(cluster, pacs, sender)
+    result = account(cluster, counting_pacs, sender)
     assert result.lost == 0, result.lost_detail
     assert result.state == "done"
     assert result.duplicate_sets == 0 and result.extra_objects == 0
@@ -138,10 +120,10 @@ def test_a_receiver_killed_mid_series_loses_nothing_acknowledged(
     assert result.ok, result
 
 
-def test_kill_rounds_across_receivers_and_workers(cluster: Cluster, pacs: Orthanc) -> None:
+def test_kill_rounds_across_receivers_and_workers(cluster: Cluster, counting_pacs: Orthanc) -> None:
     """bench/failover.py's rounds, three of them: a receiver receiving, a worker
     analysing, a receiver sending."""
-    report = failover_rounds(cluster, pacs, 3, seed=3, slices=12, max_delay_seconds=6.0)
+    report = failover_rounds(cluster, counting_pacs, 3, seed=3, slices=12, max_delay_seconds=6.0)
     print("\n".join(report.lines()))
     assert report.settled, "\n".join(report.lines())
     assert report.lost == 0 and report.duplicate_sets == 0, "\n".join(report.lines())

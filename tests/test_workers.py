@@ -35,9 +35,9 @@ from tests.dicom_factory import ct_series, write_files
 from tests.failover import account
 from tests.faults import RetryingSender
 from tests.node_process import NodeProcess
-from tests.orthanc import ORTHANC_AET, Orthanc, orthanc_workdir
+from tests.orthanc import ORTHANC_AET, Orthanc
 from tests.postgres import PostgresServer
-from tests.rabbitmq import RabbitMQ, own_rabbitmq
+from tests.rabbitmq import RabbitMQ
 
 pytestmark = pytest.mark.slow
 
@@ -45,29 +45,11 @@ DESTINATION = "orthanc"  # the name tests/failover.py's account() reads deliveri
 QUEUE = "dcn-test"
 
 
-@pytest.fixture
-def pacs() -> Iterator[Orthanc]:
-    require_tool("Orthanc")
-    with orthanc_workdir() as workdir:
-        orthanc = Orthanc(workdir, free_port(), free_port(), count_stores=True)
-        orthanc.start()
-        try:
-            yield orthanc
-        finally:
-            orthanc.stop()
-
-
-@pytest.fixture
-def broker() -> Iterator[RabbitMQ]:
-    with own_rabbitmq() as server:
-        yield server
-
-
 class WorkerCluster:
     """One ``receive`` node and ``workers`` ``worker`` processes on one store, broker and
     spool folder. ``stub_seconds``: the workers sleep instead of running the model."""
 
-    def __init__(self, workdir: Path, store_url: str, broker: RabbitMQ, pacs: Orthanc,
+    def __init__(self, workdir: Path, store_url: str, broker: RabbitMQ, counting_pacs: Orthanc,
                  models: Path, *, workers: int = 1, stub_seconds: float | None = None,
                  lease_seconds: float = 3.0) -> None:
         self.workdir = workdir
@@ -82,7 +64,7 @@ class WorkerCluster:
             # The workers record the deliveries of their results: they need the same
             # destinations as the receivers, which send them.
             "destinations": [{"name": DESTINATION, "ae_title": ORTHANC_AET,
-                              "host": "127.0.0.1", "port": pacs.dicom_port}],
+                              "host": "127.0.0.1", "port": counting_pacs.dicom_port}],
         }
         (workdir / "receiver").mkdir(parents=True)
         self.receiver = NodeProcess(
@@ -151,12 +133,12 @@ class WorkerCluster:
 
 @pytest.fixture
 def start_cluster(tmp_path: Path, postgres_server: PostgresServer, broker: RabbitMQ,
-                  pacs: Orthanc, untrained_models: Path) -> Iterator[Any]:
+                  counting_pacs: Orthanc, untrained_models: Path) -> Iterator[Any]:
     clusters: list[WorkerCluster] = []
 
     def _start(**options: Any) -> WorkerCluster:
         cluster = WorkerCluster(tmp_path / f"cluster-{len(clusters)}",
-                                postgres_server.new_database(), broker, pacs,
+                                postgres_server.new_database(), broker, counting_pacs,
                                 untrained_models, **options)
         clusters.append(cluster)
         cluster.start()
@@ -185,13 +167,13 @@ def metric(port: int, name: str, **labels: str) -> float | None:
     return None
 
 
-def check_one_set_each(cluster: WorkerCluster, pacs: Orthanc, senders: list[Any],
+def check_one_set_each(cluster: WorkerCluster, counting_pacs: Orthanc, senders: list[Any],
                        runs: dict[int, int] | None = None) -> None:
     """Every series: nothing lost, one result set recorded, the newest at Orthanc and no
     other, each object stored there once."""
-    stores = pacs.stores()
+    stores = counting_pacs.stores()
     for sender in senders:
-        result = account(cluster, pacs, sender)  # type: ignore[arg-type]
+        result = account(cluster, counting_pacs, sender)  # type: ignore[arg-type]
         assert result.ok, result
         assert result.analyses == {0: 1}, result
         if runs is not None:
@@ -202,7 +184,7 @@ def check_one_set_each(cluster: WorkerCluster, pacs: Orthanc, senders: list[Any]
 
 
 def test_a_series_sent_to_a_receiver_is_analysed_by_a_worker_and_reaches_orthanc_once(
-        start_cluster: Any, pacs: Orthanc, tmp_path: Path) -> None:
+        start_cluster: Any, counting_pacs: Orthanc, tmp_path: Path) -> None:
     cluster = start_cluster(workers=1)
     series = ct_series(24, announce=True, rows=64, columns=64)
     paths = write_files(series, tmp_path / "series")
@@ -214,7 +196,7 @@ def test_a_series_sent_to_a_receiver_is_analysed_by_a_worker_and_reaches_orthanc
     sender = SimpleNamespace(datasets=series,
                              acknowledged={str(ds.SOPInstanceUID) for ds in series})
     wait_for(lambda: cluster.done([sender]), timeout=240, interval=0.5)
-    check_one_set_each(cluster, pacs, [sender], runs={0: 1})
+    check_one_set_each(cluster, counting_pacs, [sender], runs={0: 1})
     kinds = {kind for (kind,) in cluster.store.query("SELECT DISTINCT kind FROM deliveries")}
     assert kinds == {"seg", "sc", "sr", "ko"}
     # The worker ran the model; the receiver did not (it has none).
@@ -231,7 +213,7 @@ def test_a_series_sent_to_a_receiver_is_analysed_by_a_worker_and_reaches_orthanc
 
 
 def test_a_worker_killed_mid_analysis_leaves_the_job_to_the_other_worker(
-        start_cluster: Any, pacs: Orthanc) -> None:
+        start_cluster: Any, counting_pacs: Orthanc) -> None:
     """The job's holder is killed 1 s into its 6 s "analysis": the broker gives its
     message to the other worker, which finds the job still claimed (its lease has not
     run out) and does nothing; once the lease runs out the receiver publishes the job
@@ -248,7 +230,7 @@ def test_a_worker_killed_mid_analysis_leaves_the_job_to_the_other_worker(
     other = next(name for name in cluster.workers if name != holder)
     wait_for(lambda: cluster.done([sender]), timeout=180, interval=0.5)
     sender.join(10)
-    check_one_set_each(cluster, pacs, [sender], runs={0: 2})
+    check_one_set_each(cluster, counting_pacs, [sender], runs={0: 2})
     assert "Analyzing series" in cluster.log(other)
     # The killed worker comes back under its id and takes work again.
     cluster.workers[holder].start()
@@ -256,11 +238,11 @@ def test_a_worker_killed_mid_analysis_leaves_the_job_to_the_other_worker(
                             cluster.receiver.port)
     second.start()
     wait_for(lambda: cluster.done([second]), timeout=180, interval=0.5)
-    check_one_set_each(cluster, pacs, [sender, second])
+    check_one_set_each(cluster, counting_pacs, [sender, second])
 
 
 def test_a_broker_restart_loses_no_task_and_later_series_are_analysed(
-        start_cluster: Any, pacs: Orthanc, broker: RabbitMQ) -> None:
+        start_cluster: Any, counting_pacs: Orthanc, broker: RabbitMQ) -> None:
     """One worker, 5 s per series: while it analyses the first series, the second
     series' task waits in the quorum queue; the broker is stopped and started again.
     Both are analysed once; /readyz failed with the reason meanwhile; a third series
@@ -292,13 +274,13 @@ def test_a_broker_restart_loses_no_task_and_later_series_are_analysed(
     wait_for(lambda: cluster.done([third]), timeout=180, interval=0.5)
     for sender in (first, second, third):
         sender.join(10)
-    check_one_set_each(cluster, pacs, [first, second, third])
+    check_one_set_each(cluster, counting_pacs, [first, second, third])
     log = cluster.log("receiver")
     assert "Broker unreachable" in log and "Broker reachable again" in log
 
 
 def test_jobs_recorded_while_the_broker_is_down_are_published_when_it_is_back(
-        start_cluster: Any, pacs: Orthanc, broker: RabbitMQ) -> None:
+        start_cluster: Any, counting_pacs: Orthanc, broker: RabbitMQ) -> None:
     """The receiver completes a series while the broker is down (the publish fails; the
     job waits in the store) and publishes it once the broker is back. A task published
     again for the finished job (a duplicate) does nothing."""
@@ -312,7 +294,7 @@ def test_jobs_recorded_while_the_broker_is_down_are_published_when_it_is_back(
     assert cluster.store.count_jobs("queued") == 1  # nothing took it meanwhile
     broker.start()
     wait_for(lambda: cluster.done([sender]), timeout=180, interval=0.5)
-    check_one_set_each(cluster, pacs, [sender], runs={0: 1})
+    check_one_set_each(cluster, counting_pacs, [sender], runs={0: 1})
     # A duplicate task for the finished job: the worker claims nothing and records nothing.
     from dcn_node.pipeline.broker import TASK_NAME, celery_app
 
@@ -324,4 +306,4 @@ def test_jobs_recorded_while_the_broker_is_down_are_published_when_it_is_back(
     wait_for(lambda: "finished or claimed by a live worker" in cluster.log("worker-1"),
              timeout=60, interval=0.3)
     assert [(j.state, j.claim) for j in cluster.store.list_jobs()] == [("done", 1)]
-    check_one_set_each(cluster, pacs, [sender], runs={0: 1})
+    check_one_set_each(cluster, counting_pacs, [sender], runs={0: 1})
