@@ -2,7 +2,8 @@
 with synthetic COVID-19 lesions inserted into their real parenchyma.
 
 For each chest CT: the quality gate's verdict; lung DSC against a classical HU-threshold
-reference (``tests/lung_reference.py``, independent of the node's own anatomy code); lesion
+reference (``tests/lung_reference.py``, independent of the node's own anatomy code), whole
+and outside the RTSTRUCT's tumour (GTV) where the scan has one (the check); lesion
 voxels outside the lung mask (must be 0); the probability against the decision threshold
 (must be below: a lung cancer is not COVID-19); for the NSCLC cases, the share of the
 tumour (RTSTRUCT GTV) outlined as COVID-19 lesion. Then ``--variants`` insertions per case
@@ -54,7 +55,7 @@ def main() -> int:
     engine = Engine(args.models, "lite", args.device)
     threshold = engine.decision_threshold
     print(f"model {engine.model_version}, decision threshold {threshold:.3f}")
-    print(f"{'case':24}{'split':>8}{'gate':>28}{'lung DSC':>10}{'outside':>9}"
+    print(f"{'case':24}{'split':>8}{'gate':>28}{'lung DSC':>10}{'w/o GTV':>9}{'outside':>9}"
           f"{'p':>8}{'called':>8}{'lesion DSC':>12}{'tumour hit':>12}")
     failures = []
     for case in real_cases(args.cache):
@@ -70,14 +71,18 @@ def main() -> int:
         lung_dsc = dsc(result.lung, reference)
         outside = int((result.lesion & ~result.lung).sum())
         tumour = ""
+        # The check compares outside the RTSTRUCT's tumour (GTV), as tests/test_real_ct.py
+        # does: the threshold reference cannot hold a dense mass, the node's mask keeps it.
+        checked_dsc = lung_dsc
         if case.rtstruct is not None:
             gtv = rtstruct_mask(case.rtstruct, volume)
             tumour = f"{(result.lesion & gtv).sum() / max(gtv.sum(), 1):.1%}"
+            checked_dsc = dsc(result.lung & ~gtv, reference & ~gtv)
         called = "pos" if result.probability >= threshold else "neg"
-        print(f"{case.name:24}{case.split:>8}{gate:>28}{lung_dsc:>10.3f}{outside:>9}"
+        print(f"{case.name:24}{case.split:>8}{gate:>28}{lung_dsc:>10.3f}{checked_dsc:>9.3f}{outside:>9}"
               f"{result.probability:>8.3f}{called:>8}{'':>12}{tumour:>12}")
-        if lung_dsc < 0.95:
-            failures.append(f"{case.name}: lung DSC {lung_dsc:.3f} < 0.95")
+        if checked_dsc < 0.95:
+            failures.append(f"{case.name}: lung DSC {checked_dsc:.3f} < 0.95 (outside the GTV)")
         if outside:
             failures.append(f"{case.name}: {outside} lesion voxels outside the lungs")
         if result.assessable and result.probability >= threshold:  # not assessable: negative
@@ -95,7 +100,7 @@ def main() -> int:
             lesion_dsc = dsc(out.lesion, inserted)
             called = "pos" if out.probability >= threshold else "neg"
             name = f"  +COVID {100 * involvement:.1f} %"
-            print(f"{name:24}{case.split:>8}{'':>28}{'':>10}"
+            print(f"{name:24}{case.split:>8}{'':>28}{'':>19}"
                   f"{int((out.lesion & ~out.lung).sum()):>9}{out.probability:>8.3f}"
                   f"{called:>8}{lesion_dsc:>12.3f}")
             if lesion_dsc < 0.70:

@@ -15,7 +15,9 @@ def reference_lung_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
     for k, image in enumerate(hu.astype(np.float32)):
         # The body: tissue above -500 HU without thin lines (blankets, table edges), its
         # larger pieces, holes filled; where the field of view cuts the body, the image
-        # edge closes it (edge pixels that are not outside air, i.e. not below -950 HU).
+        # edge closes it: edge pixels that are not outside air (not below -950 HU), and on
+        # each edge the stretch between the body's first and last pixel on it (an aerated
+        # lung cut by the edge can be that dark there).
         tissue = ndimage.binary_opening(image > -500, iterations=2)
         labels, count = ndimage.label(tissue)
         if count == 0:
@@ -27,6 +29,14 @@ def reference_lung_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
         edge_open = np.pad(ndimage.uniform_filter(image, 3) < -950, 1, mode="edge")
         padded[[0, -1], :] = ~edge_open[[0, -1], :]
         padded[:, [0, -1]] = ~edge_open[:, [0, -1]]
+        for row, line in ((0, tissue[0]), (-1, tissue[-1])):
+            on = np.flatnonzero(line)
+            if on.size:
+                padded[row, on[0] + 1:on[-1] + 2] = True
+        for col, line in ((0, tissue[:, 0]), (-1, tissue[:, -1])):
+            on = np.flatnonzero(line)
+            if on.size:
+                padded[on[0] + 1:on[-1] + 2, col] = True
         body = ndimage.binary_fill_holes(padded)[1:-1, 1:-1]
         lung[k] = (ndimage.uniform_filter(image, 3) < -400) & body
     labels, count = ndimage.label(lung)

@@ -47,3 +47,25 @@ def test_consolidated_lung_base_is_kept_and_soft_tissue_is_not() -> None:
     # the consolidation is farther than 20 mm from any air-filled lung of its own slice.
     in_plane_only = constrain_lung(predicted, hu, anatomy, spacing, thickness, reach_z_mm=0)
     assert in_plane_only[inner].mean() < 0.5
+
+
+def test_lung_cut_by_the_image_edge_stays_inside_the_body_where_it_is_dark() -> None:
+    # A reconstruction whose top edge cuts the anterior lungs, and a few pixels of that lung
+    # as dark as outside air right at the edge (an aerated upper lobe, emphysema): on a
+    # real scan (nsclc-1) one such pixel opened the whole lung to the outside and the
+    # lung mask lost it on every such slice.
+    chest = generate_volume(31, thickness_mm=5.0, normal=True, matrix=256)
+    rows = np.flatnonzero(chest.lung.any(axis=(0, 2)))
+    top = int(rows[0] + 0.25 * (rows[-1] - rows[0]))
+    hu = np.ascontiguousarray(chest.hu[:, top:, :]).astype(np.float32)
+    truth = chest.lung[:, top:, :]
+    cut = np.flatnonzero(truth[:, 0, :].any(axis=1))
+    assert len(cut) >= 3  # slices where the lung meets the top edge
+    for index in cut:
+        columns = np.flatnonzero(truth[index, 0])
+        hu[index, :3, columns[len(columns) // 2] - 2:columns[len(columns) // 2] + 3] = -1000.0
+    anatomy = classical_anatomy(hu, chest.pixel_spacing_mm, chest.slice_thickness_mm)
+    for index in cut:
+        assert anatomy.body[index][truth[index]].mean() > 0.99, f"slice {index}"
+        kept = anatomy.lung[index][truth[index]].mean()
+        assert kept > 0.8, f"slice {index}: {kept:.2f} of the lung kept"

@@ -9,7 +9,8 @@
   uses it as a reference that does not depend on the model.
 * :func:`constrain_lung`: the model's lung mask kept to what anatomy allows: inside the body
   (a margin from its outline), near the large air-filled parts, airways out, small holes
-  filled, small or soft-tissue components dropped. Lesions are then kept to this mask.
+  filled, small or soft-tissue components dropped, and aerated lung the model missed
+  wholesale (far from its mask) added. Lesions are then kept to this mask.
 
 Arrays are (slices, rows, columns) with slice 0 the most inferior, as everywhere in dcn-node.
 """
@@ -32,6 +33,10 @@ MIN_PART_ML = 5.0
 MIN_PART_FRACTION = 0.05
 #: Holes up to this area (cm^2 per slice) inside the lung are filled when lung encloses them.
 MAX_HOLE_CM2 = 30.0
+#: Classical lung this far from the model's lung, in parts of at least this volume, was
+#: missed by the model and joins its mask (:func:`constrain_lung`).
+MISSED_CORE_MM = 4.0
+MISSED_CORE_ML = 1.0
 #: Air-filled parts whose mean is below this are gas (bowel, stomach, trachea), not lung:
 #: lung parenchyma, even emphysematous, has vessels and septa that lift its mean.
 GAS_MEAN_HU = -960.0
@@ -93,8 +98,10 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     """The body per slice, holes filled (bool, same shape as ``hu``).
 
     Where the field of view cuts the body, the image edge closes it: along the border, only
-    pixels of outside air (locally below -950 HU: air or padding, darker than any lung
-    parenchyma) leave it open, so lungs cut by the image edge are still inside.
+    pixels of outside air (locally below -950 HU: air or padding) leave it open, and only
+    outside the stretch between the body's first and last contact with that edge, so lungs
+    cut by the image edge are still inside, even where an aerated upper lobe reaches
+    outside-air values at the edge (one such pixel used to open a whole lung to the outside).
     """
     body = np.zeros(hu.shape, dtype=bool)
     for index, image in enumerate(hu):
@@ -107,6 +114,10 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
         smooth = ndimage.uniform_filter(np.maximum(image, -1100.0).astype(np.float32), 5)
         closed = np.pad(smooth >= AIRWAY_HU, 1, mode="edge")
         closed[1:-1, 1:-1] = tissue
+        for side in range(4):  # rot90 views: each edge in turn as row 0
+            contact = np.flatnonzero(np.rot90(tissue, side)[0])
+            if contact.size:
+                np.rot90(closed, side)[0, contact[0] + 1:contact[-1] + 2] = True
         body[index] = ndimage.binary_fill_holes(closed)[1:-1, 1:-1]
     return body
 
@@ -282,4 +293,28 @@ def constrain_lung(predicted: np.ndarray, hu: np.ndarray, anatomy: Anatomy,
     allowed = near & _inside_body(anatomy.body, body_margin_mm, pixel_spacing_mm)
     del footprint, near
     lung = _keep_components(predicted & allowed & ~anatomy.airway, voxel_ml, hu < AIR_HU, 0.5)
+    lung |= _missed_lung(lung, anatomy.lung, voxel_ml, pixel_spacing_mm)
     return _fill_small_holes(lung, pixel_spacing_mm) & ~anatomy.airway
+
+
+def _missed_lung(model: np.ndarray, classical: np.ndarray, voxel_ml: float,
+                 pixel_spacing_mm: float) -> np.ndarray:
+    """Aerated lung the model missed wholesale: the classical mask's parts farther than
+    :data:`MISSED_CORE_MM` from the model's lung (at least :data:`MISSED_CORE_ML`), with
+    their surroundings up to that distance. Seen where the field of view cuts a lung: the
+    U-Net marks nothing within about 10 pixels of the image edge. Where the two masks only
+    disagree by a pixel or two at the lung's rim, the model's edge stays."""
+    missed = classical & ~model
+    if not missed.any():
+        return missed
+    reach = _disk(max(1, round(MISSED_CORE_MM / pixel_spacing_mm)))[None]
+    core = missed & ~ndimage.binary_dilation(model, reach)
+    labels, count = label_3d(core)
+    if count == 0:
+        return core
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    large = sizes * voxel_ml >= MISSED_CORE_ML
+    large[0] = False
+    if not large[1:].any():
+        return np.zeros(model.shape, dtype=bool)
+    return missed & ndimage.binary_dilation(large[labels], reach)
