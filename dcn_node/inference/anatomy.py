@@ -9,8 +9,8 @@
   uses it as a reference that does not depend on the model.
 * :func:`constrain_lung`: the model's lung mask kept to what anatomy allows: inside the body
   (a margin from its outline), near the large air-filled parts, airways out, small holes
-  filled, small or soft-tissue components dropped, and aerated lung the model missed
-  wholesale (far from its mask) added. Lesions are then kept to this mask.
+  filled, small or soft-tissue components dropped, and aerated lung the model missed at
+  the image edge (where the field of view cuts a lung) added. Lesions are then kept to this mask.
 
 Arrays are (slices, rows, columns) with slice 0 the most inferior, as everywhere in dcn-node.
 """
@@ -33,8 +33,8 @@ MIN_PART_ML = 5.0
 MIN_PART_FRACTION = 0.05
 #: Holes up to this area (cm^2 per slice) inside the lung are filled when lung encloses them.
 MAX_HOLE_CM2 = 30.0
-#: Classical lung this far from the model's lung, in parts of at least this volume, was
-#: missed by the model and joins its mask (:func:`constrain_lung`).
+#: Classical lung at the image edge this far from the model's lung, in parts of at least
+#: this volume, was missed by the model and joins its mask (:func:`constrain_lung`).
 MISSED_CORE_MM = 4.0
 MISSED_CORE_ML = 1.0
 #: Air-filled parts whose mean is below this are gas (bowel, stomach, trachea), not lung:
@@ -293,27 +293,43 @@ def constrain_lung(predicted: np.ndarray, hu: np.ndarray, anatomy: Anatomy,
     allowed = near & _inside_body(anatomy.body, body_margin_mm, pixel_spacing_mm)
     del footprint, near
     lung = _keep_components(predicted & allowed & ~anatomy.airway, voxel_ml, hu < AIR_HU, 0.5)
-    lung |= _missed_lung(lung, anatomy.lung, voxel_ml, pixel_spacing_mm)
+    lung |= _missed_lung(lung, anatomy.lung, hu, voxel_ml, pixel_spacing_mm)
     return _fill_small_holes(lung, pixel_spacing_mm) & ~anatomy.airway
 
 
-def _missed_lung(model: np.ndarray, classical: np.ndarray, voxel_ml: float,
+def _missed_lung(model: np.ndarray, classical: np.ndarray, hu: np.ndarray, voxel_ml: float,
                  pixel_spacing_mm: float) -> np.ndarray:
-    """Aerated lung the model missed wholesale: the classical mask's parts farther than
-    :data:`MISSED_CORE_MM` from the model's lung (at least :data:`MISSED_CORE_ML`), with
-    their surroundings up to that distance. Seen where the field of view cuts a lung: the
-    U-Net marks nothing within about 10 pixels of the image edge. Where the two masks only
-    disagree by a pixel or two at the lung's rim, the model's edge stays."""
+    """Aerated lung the model missed at the image edge, where the field of view cuts a lung:
+    the U-Net marks nothing within about 10 pixels of the edge. The classical mask's parts
+    farther than :data:`MISSED_CORE_MM` from the model's lung (at least
+    :data:`MISSED_CORE_ML`) that reach the image edge, with their surroundings up to that
+    distance. Only from the classical parts the model itself mostly calls lung, and only
+    aerated parenchyma (mean between :data:`GAS_MEAN_HU` and :data:`AIR_HU`). Elsewhere the
+    model's call stands: where the masks disagree by a pixel or two at the lung's rim, and
+    where the classical mask takes in a stomach bubble under a lung base (as on phantoms)."""
     missed = classical & ~model
     if not missed.any():
         return missed
+    labels, count = label_3d(classical)
+    sizes, agreed = label_sums(labels, count, model)
+    shared = agreed >= 0.5 * np.maximum(sizes, 1)
+    shared[0] = False
+    missed &= shared[labels]
+    del labels
     reach = _disk(max(1, round(MISSED_CORE_MM / pixel_spacing_mm)))[None]
     core = missed & ~ndimage.binary_dilation(model, reach)
     labels, count = label_3d(core)
     if count == 0:
         return core
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    large = sizes * voxel_ml >= MISSED_CORE_ML
+    sizes, sums = label_sums(labels, count, hu, -1024.0)
+    means = sums / np.maximum(sizes, 1)
+    at_edge = np.zeros(count + 1, dtype=bool)
+    width = reach.shape[1] // 2 + 1
+    for band in (labels[:, :width], labels[:, -width:], labels[:, :, :width],
+                 labels[:, :, -width:]):
+        at_edge[np.unique(band)] = True
+    large = (sizes * voxel_ml >= MISSED_CORE_ML) & (means >= GAS_MEAN_HU) & (means < AIR_HU) \
+        & at_edge
     large[0] = False
     if not large[1:].any():
         return np.zeros(model.shape, dtype=bool)
