@@ -30,7 +30,7 @@ from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine  # noqa: E402
 from dcn_node.volume import Volume, load_dicom_folder  # noqa: E402
 from dcn_train.findings import Geometry, insert_covid_lesions  # noqa: E402
 from dcn_train.real_ct import real_cases, rtstruct_mask  # noqa: E402
-from tests.lung_reference import dsc, reference_lung_mask  # noqa: E402
+from tests.lung_reference import dsc, dsc_outside, reference_lung_mask  # noqa: E402
 
 #: Seeds of the insertions here: never the training corpus's (4242+).
 INSERTION_SEED = 777_000
@@ -73,11 +73,10 @@ def main() -> int:
         tumour = ""
         # The check compares outside the RTSTRUCT's tumour (GTV), as tests/test_real_ct.py
         # does: the threshold reference cannot hold a dense mass, the node's mask keeps it.
-        checked_dsc = lung_dsc
-        if case.rtstruct is not None:
-            gtv = rtstruct_mask(case.rtstruct, volume)
+        gtv = rtstruct_mask(case.rtstruct, volume) if case.rtstruct is not None else None
+        if gtv is not None:
             tumour = f"{(result.lesion & gtv).sum() / max(gtv.sum(), 1):.1%}"
-            checked_dsc = dsc(result.lung & ~gtv, reference & ~gtv)
+        checked_dsc = dsc_outside(result.lung, reference, gtv)
         called = "pos" if result.probability >= threshold else "neg"
         print(f"{case.name:24}{case.split:>8}{gate:>28}{lung_dsc:>10.3f}{checked_dsc:>9.3f}{outside:>9}"
               f"{result.probability:>8.3f}{called:>8}{'':>12}{tumour:>12}")

@@ -63,3 +63,11 @@ def reference_lung_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
 
 def dsc(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def dsc_outside(a: np.ndarray, b: np.ndarray, excluded: np.ndarray | None) -> float:
+    """:func:`dsc` on the voxels outside ``excluded`` (a tumour contour the threshold
+    reference cannot hold), or on all of them without one."""
+    if excluded is None:
+        return dsc(a, b)
+    return dsc(a & ~excluded, b & ~excluded)

@@ -331,6 +331,4 @@ def _missed_lung(model: np.ndarray, classical: np.ndarray, hu: np.ndarray, voxel
     large = (sizes * voxel_ml >= MISSED_CORE_ML) & (means >= GAS_MEAN_HU) & (means < AIR_HU) \
         & at_edge
     large[0] = False
-    if not large[1:].any():
-        return np.zeros(model.shape, dtype=bool)
     return missed & ndimage.binary_dilation(large[labels], reach)
