@@ -296,6 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_from=str(args.init_from or ""),
         negative_slice_dice_weight=args.negative_slice_dice_weight,
         lung_mask_jitter=args.lung_mask_jitter,
+        hard_negative_share=args.hard_negative_share,
     )
     manifest = Trainer(cases, args.out, settings).run()
     print(f"weights and manifest: {manifest}")
@@ -533,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lung-mask-jitter", type=int, default=0,
                        help="grow or shrink the DCN's lung mask by up to this many pixels "
                             "on half the training slices (0 = the truth mask)")
+    train.add_argument("--hard-negative-share", type=float, default=0.0,
+                       help="share of each DCN epoch's lesion-free slices drawn by their "
+                            "classification loss (hard negatives: tumours, lobar pneumonia; "
+                            "0 = all drawn uniformly, as in the paper)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's initial lr")
     train.add_argument("--lr-decay", type=float, default=0.95, help="lr factor per epoch")
     train.add_argument("--init-from", type=Path, help="weights folder whose networks start "

@@ -6,7 +6,8 @@ Stages run in order, each resumable from its last finished epoch:
    slices (``lung_lesion_fraction``) comes from slices with lesions.
 2. ``dcn``: DCN on lung-masked slices; weighted Dice (lesion slices only) + lambda * BCE;
    each epoch takes every lesion slice (up to a cap) and as many lesion-free slices drawn
-   afresh (under-sampling, 3.2.1).
+   afresh (under-sampling, 3.2.1), optionally a share of them by their loss (hard
+   negatives).
 3. ``spm``: the three-layer FCN on resampled slice-probability curves, BCE.
 
 Adam, lr 1e-3, decayed x0.95 per epoch, fixed seeds.
@@ -82,6 +83,12 @@ class TrainSettings:
     #: moved a slice probability from 0.34 to 0.51), and outlines chest wall let in by a
     #: wider mask as lesion.
     lung_mask_jitter: int = 0
+    #: Share of each DCN epoch's lesion-free slices drawn by their classification loss
+    #: (online hard negative mining; the rest uniformly, as in 3.2.1). Drawn uniformly,
+    #: a tumour or lobar-pneumonia slice is a few per cent of the negatives, and the slice
+    #: classifier called them COVID-19 with 0.97-0.99. Each negative's loss is scored once
+    #: at the stage's start and updated whenever a step sees it.
+    hard_negative_share: float = 0.0
 
 
 def _jitter_lung(lung: np.ndarray, largest: int) -> np.ndarray:
@@ -113,6 +120,31 @@ def _slices_with_lesion(case: Case) -> np.ndarray:
     if case.lesion is None:
         return np.zeros(len(case.image), bool)
     return np.asarray(case.lesion.reshape(len(case.lesion), -1).any(1))
+
+
+def draw_negatives(losses: np.ndarray, count: int, hard_share: float,
+                   rng: np.random.RandomState) -> np.ndarray:
+    """Indices of ``count`` distinct negatives: ``hard_share`` of them drawn with
+    probability proportional to ``losses``, the rest uniformly from the others."""
+    count = min(count, len(losses))
+    hard = min(count, int(round(count * hard_share)))
+    chosen = np.empty(0, dtype=np.int64)
+    weights = np.clip(losses.astype(np.float64), 0.0, None) + 1e-6
+    if hard:
+        chosen = rng.choice(len(losses), size=hard, replace=False, p=weights / weights.sum())
+    rest = np.setdiff1d(np.arange(len(losses)), chosen)
+    uniform = rng.choice(rest, size=count - hard, replace=False)
+    return np.concatenate([chosen, uniform]).astype(np.int64)
+
+
+def _case_kind(name: str) -> str:
+    """phantom-10003-other -> other; real-nsclc-1-other2 -> real-other; a hospital's
+    case -> case (for the log only)."""
+    if name.startswith("phantom-") and name.count("-") >= 2:
+        return name.split("-")[2]
+    if name.startswith("real-"):
+        return next((f"real-{k}" for k in ("other", "covid") if f"-{k}" in name), "real")
+    return "case"
 
 
 def _save_replacing(state: dict, path: Path) -> None:
@@ -230,14 +262,18 @@ class Trainer:
         model: _Network,
         epochs: int,
         batches: Callable[[], list[Callable[[], dict[str, torch.Tensor]]]],
+        before: Callable[[_Network], None] | None = None,
     ) -> _Network:
         """The loop every stage shares: Adam with x``lr_decay`` per epoch, resume from the
         stage's checkpoint, one checkpoint per finished epoch. ``batches`` draws an epoch's
-        batches, each a callable computing its losses (the total under ``loss``)."""
+        batches, each a callable computing its losses (the total under ``loss``);
+        ``before`` sees the starting (resumed or initial) network once when epochs remain."""
         optimizer, scheduler = self._optimizer(model)
         start = self._resume(stage, model, optimizer, scheduler)
         if start == 0 and self.settings.init_from:
             self._initialize(stage, model)
+        if before is not None and start < epochs:
+            before(model)
         for epoch in range(start + 1, epochs + 1):
             model.train()
             epoch_batches = list(batches())
@@ -302,6 +338,9 @@ class Trainer:
         annotated = [case.lesion is not None for case in self.cases]
         negative_weight = settings.negative_slice_dice_weight
 
+        negative_index = {ref: i for i, ref in enumerate(negatives)}
+        negative_loss = np.ones(len(negatives))  # filled by the scoring pass when mining
+
         def step(part: list[tuple[tuple[int, int], int]]) -> dict[str, torch.Tensor]:
             batch = self._batch([r for r, _ in part], True)
             label = torch.tensor([lab for _, lab in part], dtype=torch.float32,
@@ -313,18 +352,66 @@ class Trainer:
                 out = model(batch["image"])
             loss, seg, cls = dcn_loss(out.segmentation, batch["lesion"], out.classification,
                                       label, weight=weight)
+            if settings.hard_negative_share:
+                each = F.binary_cross_entropy_with_logits(
+                    out.classification.detach().float().flatten(), label, reduction="none")
+                for (ref, lab), value in zip(part, each.tolist(), strict=True):
+                    if lab == 0:
+                        negative_loss[negative_index[ref]] = value
             return {"loss": loss, "seg": seg, "cls": cls}
 
         def epoch() -> list[Callable[[], dict[str, torch.Tensor]]]:
             cap = settings.dcn_positives_per_epoch or len(positives)
             pos = random.sample(positives, min(cap, len(positives)))
-            neg = random.sample(negatives, min(len(pos), len(negatives)))  # re-drawn each epoch
+            if settings.hard_negative_share:
+                picked = draw_negatives(negative_loss, len(pos), settings.hard_negative_share,
+                                        np.random)
+                neg = [negatives[i] for i in picked]
+                self._log_hard_negatives(negatives, negative_loss, picked, len(pos))
+            else:
+                neg = random.sample(negatives, min(len(pos), len(negatives)))  # re-drawn
             chosen = [(r, 1) for r in pos] + [(r, 0) for r in neg]
             random.shuffle(chosen)
             return [functools.partial(step, part) for part in _batches(chosen,
                                                                         settings.dcn_batch)]
 
-        return self._fit("dcn", model, settings.dcn_epochs, epoch)
+        def score_negatives(trained: DCN) -> None:
+            negative_loss[:] = self._negative_losses(trained, negatives)
+
+        return self._fit("dcn", model, settings.dcn_epochs, epoch,
+                         before=score_negatives if settings.hard_negative_share else None)
+
+    @torch.no_grad()
+    def _negative_losses(self, model: DCN, negatives: list[tuple[int, int]]) -> np.ndarray:
+        """Classification loss (BCE against label 0) of each lesion-free slice under
+        ``model``, lung-masked as in training, no flip or jitter."""
+        model.eval()
+        losses = np.empty(len(negatives))
+        started = time.perf_counter()
+        for start in range(0, len(negatives), 32):
+            refs = negatives[start:start + 32]
+            images = np.stack([self.cases[c].image[s].astype(np.float32)
+                               * (self.cases[c].lung[s] if self.cases[c].lung is not None else 1)
+                               for c, s in refs])
+            with self._autocast():
+                logits = model(torch.from_numpy(images[:, None]).to(self.device)).classification
+            losses[start:start + len(refs)] = F.softplus(logits.float().flatten()).cpu().numpy()
+        model.train()
+        LOGGER.info("dcn: scored %d lesion-free slices for hard negatives in %.0f s "
+                    "(mean loss %.3f, share above 0.69 i.e. p > 0.5: %.1f %%)", len(negatives),
+                    time.perf_counter() - started, losses.mean(), 100 * (losses > 0.693).mean())
+        return losses
+
+    def _log_hard_negatives(self, negatives: list[tuple[int, int]], losses: np.ndarray,
+                            picked: np.ndarray, count: int) -> None:
+        """Where this epoch's negatives come from, by case kind."""
+        kinds: dict[str, int] = {}
+        for i in picked:
+            kind = _case_kind(self.cases[negatives[i][0]].name)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        LOGGER.info("dcn: %d negatives (mean loss %.3f; all %.3f): %s", count,
+                    losses[picked].mean(), losses.mean(),
+                    ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
 
     # -- stage 3: slice probability mapping -------------------------------------------
 

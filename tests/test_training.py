@@ -75,6 +75,23 @@ def test_lung_mask_jitter_moves_the_edge_by_at_most_the_setting() -> None:
     assert (_jitter_lung(lung, 0) == lung).all()
 
 
+def test_hard_negatives_are_drawn_by_their_loss() -> None:
+    # --hard-negative-share: that share of the negatives comes mostly from the slices the
+    # classifier gets wrong (here 10 of 1000 with a loss of 3, the rest 0.01); the rest is
+    # uniform. Without the share, the 10 hard ones would be 1 % of the draw.
+    from dcn_train.trainer import draw_negatives
+
+    losses = np.full(1000, 0.01)
+    losses[:10] = 3.0
+    rng = np.random.RandomState(0)
+    picked = draw_negatives(losses, 40, 0.5, rng)
+    assert len(picked) == len(set(picked.tolist())) == 40
+    assert (picked < 10).sum() >= 8  # ~ 20 x 30 / (30 + 9.9): most of the hard 10
+    uniform = draw_negatives(losses, 40, 0.0, rng)
+    assert (uniform < 10).sum() <= 3
+    assert len(draw_negatives(losses[:5], 40, 0.5, rng)) == 5  # never more than there are
+
+
 def test_metrics_match_hand_counts() -> None:
     counts = PixelCounts()
     counts.add(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool))
@@ -121,8 +138,10 @@ def test_train_from_a_manifest_checkpoints_and_resumes(tmp_path: Path) -> None:
     manifest.write_text("\n".join(rows) + "\n")
     out, cache = tmp_path / "models", tmp_path / "cache"
     first = _train(out, cache, "--manifest", str(manifest), "--lung-epochs", "1",
-                   "--dcn-epochs", "1")
+                   "--dcn-epochs", "1", "--hard-negative-share", "0.5")
     assert first.returncode == 0, first.stderr
+    first_log = (out / "train-lite.log").read_text()
+    assert "dcn: scored" in first_log and "dcn: 8 negatives" in first_log
     assert (out / "checkpoints" / "lung.pt").exists()
     from dcn_train.cases import Case
 
