@@ -282,6 +282,12 @@ class QualityGateSettings(_Frozen):
     max_edge_slice_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
     #: Lung area of the first or last slice, as a share of the largest: cut by the scan range.
     max_end_slice_area_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
+    #: Show the model's lesions (SC outline and heat map, SEG lesion segment, SR lesion
+    #: measurements and regions, summary.json volumes) on a series the gate finds not
+    #: assessable. Off: none are shown, only the banner and the reason: on a cut-off or
+    #: non-chest scan the outlines are guesses (a tumour on a cropped scan was drawn as
+    #: COVID-19 lesion next to "not assessable").
+    report_lesions_when_not_assessable: bool = False
 
 
 class InferenceSettings(_Frozen):

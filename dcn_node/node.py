@@ -576,7 +576,7 @@ def make_engine(settings: Settings) -> Engine:
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
 
     return Engine(inference.models_dir or DEFAULT_MODELS_DIR, inference.profile,
-                  inference.device)
+                  inference.device, quality_gate=inference.quality_gate)
 
 
 def _pending_ages(backlog: dict[str, Backlog], now: float) -> dict[str, float]:

@@ -20,7 +20,7 @@ from pydicom import dcmread
 
 from dcn_node.inference.anatomy import classical_anatomy
 from dcn_node.inference.quality import NotAssessable, assess
-from dcn_node.results.sc import WARNING_RGB
+from dcn_node.results.sc import OUTLINE_RGB, WARNING_RGB
 from dcn_train.phantom import PhantomVolume, generate_volume, write_series
 from tests.test_results import dciodvfy, dsrdump, sr_values
 
@@ -34,9 +34,11 @@ def _write(volume: PhantomVolume, folder: Path, seed: int, **header: str) -> Pat
     return folder
 
 
-def _analyze(series: Path, out: Path) -> dict:
+def _analyze(series: Path, out: Path, config: Path | None = None) -> dict:
+    extra = ["--config", str(config)] if config is not None else []
     done = subprocess.run([sys.executable, "-m", "dcn_node", "analyze", str(series),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--out", str(out), *extra], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((out / "summary.json").read_text())
 
@@ -88,6 +90,28 @@ def _assert_not_assessable(out: Path, summary: dict, reason: NotAssessable) -> N
     yellow = (np.abs(image - np.array(WARNING_RGB)).sum(axis=2) < 60).sum(axis=1) > 5
     starts = np.flatnonzero(yellow[1:] & ~yellow[:-1])
     assert len(starts) >= 3, f"{len(starts)} yellow text lines"
+    # No lesion is reported on a series that cannot be assessed (the default).
+    _assert_lesions_withheld(out, summary, sc, sr[0])
+
+
+def _outline_pixels(sc: list[Path]) -> int:
+    """Pixels of the lesion outline's green in the image part of the overlays."""
+    count = 0
+    for path in sc:
+        image = dcmread(path).pixel_array.astype(int)
+        count += int((np.abs(image - np.array(OUTLINE_RGB)).sum(axis=2) < 30).sum())
+    return count
+
+
+def _assert_lesions_withheld(out: Path, summary: dict, sc: list[Path], sr: Path) -> None:
+    assert summary["lesions_withheld"] is True
+    assert summary["lesion_volume_ml"] is None and summary["involvement_percent"] is None
+    assert not np.load(out / "masks.npz")["lesion"].any()
+    values = sr_values(dcmread(sr))
+    assert "Volume of lesions" not in values and "Volume of lungs" in values
+    assert "Percentage of lung volume with lesions" not in values
+    # The legend line says so in the text colour: the outline colour appears nowhere.
+    assert _outline_pixels(sc) == 0
 
 
 def test_cropped_chest_is_not_assessable(chest: PhantomVolume, tmp_path: Path) -> None:
@@ -119,7 +143,38 @@ def test_abdomen_only_series_is_not_assessable(tmp_path: Path) -> None:
     summary = _analyze(series, out)
     _assert_not_assessable(out, summary, NotAssessable.NO_LUNGS)
     assert "abdomen" in summary["quality_gate"]["detail"]
-    assert summary["lesion_volume_ml"] == 0 and summary["lung_volume_ml"] == 0
+    assert summary["lung_volume_ml"] == 0
+
+
+def test_lesions_on_a_not_assessable_series_only_when_configured(tmp_path: Path) -> None:
+    # A cropped chest with COVID-19 lesions: the model outlines them, but the series is
+    # cut by the field of view. By default nothing of that is shown; the setting (read
+    # from the node's config file) shows the outlines and figures beside the banner.
+    volume = generate_volume(34, thickness_mm=5.0, normal=False, matrix=256)
+    columns = np.flatnonzero(volume.lung.any(axis=(0, 1)))
+    width = columns[-1] - columns[0]
+    cut = (slice(None), slice(None),
+           slice(int(columns[0] + 0.2 * width), int(columns[0] + 0.75 * width)))
+    cropped = PhantomVolume(np.ascontiguousarray(volume.hu[cut]), volume.lung[cut].copy(),
+                            volume.lesion[cut].copy(), volume.pixel_spacing_mm,
+                            volume.slice_thickness_mm, 0)
+    assert cropped.lesion.any()
+    series = _write(cropped, tmp_path / "series", 34)
+    hidden = _analyze(series, tmp_path / "hidden")
+    _assert_not_assessable(tmp_path / "hidden", hidden, NotAssessable.LUNGS_CUT_BY_FIELD_OF_VIEW)
+    config = tmp_path / "shown.yaml"
+    config.write_text("inference:\n  quality_gate:\n"
+                      "    report_lesions_when_not_assessable: true\n")
+    shown = _analyze(series, tmp_path / "shown", config)
+    assert shown["assessable"] is False and shown["lesions_withheld"] is False
+    assert shown["probability"] is None
+    assert shown["lesion_volume_ml"] > 0
+    _, sc, sr = _objects(tmp_path / "shown")
+    assert _outline_pixels(sc) > 0
+    values = sr_values(dcmread(sr[0]))
+    assert values["COVID-19"] == ["Undetermined"] and values["Volume of lesions"][0][0] > 0
+    for path in [*sc, *sr]:
+        dciodvfy(path)
 
 
 @pytest.mark.slow

@@ -36,9 +36,13 @@ def summarize(volume: Volume, result: AnalysisResult) -> dict[str, Any]:
         "pattern_features": ({k: round(v, 4) for k, v in result.pattern_features.items()}
                              if result.pattern_features is not None else None),
         "quality_gate": quality,
-        "lesion_volume_ml": round(lesion_ml, 2),
+        # Not assessable, lesions withheld (quality_gate.report_lesions_when_not_assessable):
+        # no lesion figures rather than a zero that reads as "no lesions".
+        "lesions_withheld": result.lesions_withheld,
+        "lesion_volume_ml": None if result.lesions_withheld else round(lesion_ml, 2),
         "lung_volume_ml": round(lung_ml, 2),
-        "involvement_percent": round(100.0 * lesion_ml / lung_ml, 3) if lung_ml else 0.0,
+        "involvement_percent": None if result.lesions_withheld
+        else round(100.0 * lesion_ml / lung_ml, 3) if lung_ml else 0.0,
         "slices": int(volume.hu.shape[0]),
         "seconds": round(result.seconds, 3),
         "model_version": result.model_version,

@@ -61,6 +61,10 @@ LOGGER = logging.getLogger(__name__)
 #: The shipped weights, their manifest and model card: package data (``dcn_node/models/``).
 DEFAULT_MODELS_DIR = package_path("models")
 
+#: The quality gate of the model's own measurements (evaluation, calibration, benchmarks):
+#: the verdict and its reason recorded, the lesions of a not-assessable series kept.
+MEASURING_GATE = QualityGateSettings(report_lesions_when_not_assessable=True)
+
 #: The individual-level mappings the engine runs: the SPM's own (networks.MAPPINGS) and
 #: ``pattern`` (dcn_node.inference.pattern).
 INDIVIDUAL_MAPPINGS = (*MAPPINGS, "pattern")
@@ -96,6 +100,9 @@ class AnalysisResult:
     uncalibrated_probability: float | None = None
     #: The ``pattern`` mapping's features (None with another mapping).
     pattern_features: dict[str, float] | None = None
+    #: The series is not assessable and its lesions were withheld (``lesion`` emptied, no
+    #: heat maps): ``quality_gate.report_lesions_when_not_assessable`` is off.
+    lesions_withheld: bool = False
 
     @property
     def assessable(self) -> bool:
@@ -475,6 +482,11 @@ class Engine:
         timings["spm"] = time.perf_counter() - mark
         timings["postprocessing"] = upsampling
         positive = quality.assessable and probability >= self.decision_threshold
+        withheld = not quality.assessable \
+            and not self.quality_gate.report_lesions_when_not_assessable
+        if withheld:  # in place: ``lesion`` may be a view of the SEG's stack
+            lesion[:] = False
+            attention = []
         return AnalysisResult(
             lung=lung,
             lesion=lesion,
@@ -487,9 +499,10 @@ class Engine:
             timings=timings,
             threshold=self.decision_threshold,
             quality=quality,
-            lesion_probability=lesion_prob,
+            lesion_probability=None if withheld else lesion_prob,
             uncalibrated_probability=uncalibrated,
             pattern_features=features,
+            lesions_withheld=withheld,
         )
 
 

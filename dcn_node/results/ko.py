@@ -41,8 +41,9 @@ def build_key_images(volume: Volume, result: AnalysisResult, settings: ResultsSe
         document_title=codes.DCM.BestInSet,
         referenced_objects=referenced,
         observer_device_context=common.device_observer(settings, version),
-        description=f"Key slices of the AI result ({common.NOT_FOR_DIAGNOSIS}): largest "
-                    "lesions and strongest heat map",
+        description=f"Key slices of the AI result ({common.NOT_FOR_DIAGNOSIS}): " + (
+            "not assessable, the slice with the most lung" if result.lesions_withheld
+            else "largest lesions and strongest heat map"),
     )
     document = hd.ko.KeyObjectSelectionDocument(
         evidence=referenced,

@@ -299,10 +299,15 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
         if glyphs(size).width(longer) <= room:
             detail = longer
     draw_text(draw, margin, layout.text_y(2), _fit(detail, size, room), TEXT_RGB, size=size)
-    x = margin + draw_text(draw, margin, layout.text_y(3), "outline: lesion", OUTLINE_RGB,
-                           size=size)
-    if shows_heat:
-        draw_text(draw, x, layout.text_y(3), "   " + heat_legend(sc), TEXT_RGB, size=size)
+    if result.lesions_withheld:  # quality_gate.report_lesions_when_not_assessable off
+        draw_text(draw, margin, layout.text_y(3),
+                  _fit("no lesion outline or heat map: series not assessable", size, room),
+                  TEXT_RGB, size=size)
+    else:
+        x = margin + draw_text(draw, margin, layout.text_y(3), "outline: lesion", OUTLINE_RGB,
+                               size=size)
+        if shows_heat:
+            draw_text(draw, x, layout.text_y(3), "   " + heat_legend(sc), TEXT_RGB, size=size)
     # The model version on a line of its own: it names the weights, and beside the warning
     # it was cut short on a 512-pixel image.
     draw_text(draw, margin, layout.text_y(4), _fit(f"model {result.model_version}", size, room),

@@ -94,16 +94,19 @@ def _assessment_group(volume: Volume, result: AnalysisResult, settings: ResultsS
             hd.sr.QualitativeEvaluation(name=common.NOT_ASSESSABLE_REASON,
                                         value=common.NOT_ASSESSABLE_REASONS[reason]),
         ]
-    numbers += [
-        hd.sr.Measurement(name=common.LUNG_INVOLVEMENT, value=values["involvement_percent"],
-                          unit=common.UNIT_PERCENT),
-        hd.sr.Measurement(name=common.LESION_VOLUME, value=values["lesion_ml"],
-                          unit=common.UNIT_ML),
-        hd.sr.Measurement(name=common.LUNG_VOLUME, value=values["lung_ml"],
-                          unit=common.UNIT_ML),
-        hd.sr.Measurement(name=common.SLICES_WITH_LESIONS,
-                          value=int(values["slices_with_lesions"]), unit=common.UNIT_SLICES),
-    ]
+    if not result.lesions_withheld:  # withheld: no lesion figures, not zeros
+        numbers += [
+            hd.sr.Measurement(name=common.LUNG_INVOLVEMENT,
+                              value=values["involvement_percent"], unit=common.UNIT_PERCENT),
+            hd.sr.Measurement(name=common.LESION_VOLUME, value=values["lesion_ml"],
+                              unit=common.UNIT_ML),
+        ]
+    numbers.append(hd.sr.Measurement(name=common.LUNG_VOLUME, value=values["lung_ml"],
+                                     unit=common.UNIT_ML))
+    if not result.lesions_withheld:
+        numbers.append(hd.sr.Measurement(name=common.SLICES_WITH_LESIONS,
+                                         value=int(values["slices_with_lesions"]),
+                                         unit=common.UNIT_SLICES))
     index = assessment_slice(result.lesion, result.lung)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(settings, volume, result, "COVID-19 assessment",
