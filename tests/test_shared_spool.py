@@ -84,10 +84,15 @@ def test_start_up_removes_its_own_and_stale_temp_files_not_another_live_nodes(
     crashed = crashed_nodes_temp(incoming, "1.2.3.3.dcm")
     before_tags = touch(incoming / "1.2.3.4.dcm.140.tmp", age=2 * LEFTOVER_SECONDS)
     unknown_fresh = touch(incoming / "1.2.3.5.dcm.140.tmp")
+    # Result objects being written (results.builder: not named after a node).
+    results = node_a.results_dir_for("1.2.3", 0) / "seg"
+    result_stale = touch(results / ".tmpab12.partial", age=2 * LEFTOVER_SECONDS)
+    result_fresh = touch(results / ".tmpcd34.partial")
     node_a.recover("node-a")
     assert not mine.exists() and not crashed.exists() and not before_tags.exists()
     assert theirs.read_bytes() == b"half written"  # node-b is still writing it
     assert unknown_fresh.exists()  # whose it is cannot be told: left until it is stale
+    assert not result_stale.exists() and result_fresh.exists()
 
 
 def test_start_up_leaves_a_file_another_node_is_recording_and_indexes_stale_ones(
@@ -139,10 +144,11 @@ def test_with_the_embedded_index_every_leftover_is_this_nodes(spool_dir: Path) -
         temps = [touch(spool.incoming_dir / NodeFiles("node-b", shared=False).temp_name(
                      "1.2.3.1.dcm", 1)), touch(spool.incoming_dir / "1.2.3.2.dcm.140.tmp")]
         quarantined = touch(spool.root / "quarantine" / "2026-01-02" / ".1.2.3.dcm.ab.tmp")
+        result = touch(spool.results_dir_for("1.2.3", 1) / "sr" / ".tmpab12.partial")
         header, _ = stored_file(spool, ct_series(1)[0])
         spool.recover("node-a")
         Quarantine(spool.root, 1 << 20, node_files=spool.node_files)
-        assert not any(p.exists() for p in (*temps, quarantined))
+        assert not any(p.exists() for p in (*temps, quarantined, result))
         assert spool.query("SELECT sop_instance_uid FROM instances") == \
             [(header.sop_instance_uid,)]
     finally:

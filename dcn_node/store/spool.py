@@ -344,7 +344,7 @@ class Spool(JobQueue):
     def recover(self, owner: str | None = None) -> None:
         """Bring the spool back to a consistent state after a stop or crash.
 
-        Removes half-written temp files, indexes files that were renamed in but not
+        Removes half-written temp files (received instances and result objects), indexes files that were renamed in but not
         recorded, restarts the quiet timer of series still receiving (their senders
         could not reach us while we were down), and takes back the assessments and jobs
         cut short: those claimed without a lease, under one that ran out, or by ``owner``
@@ -356,6 +356,10 @@ class Spool(JobQueue):
         it, or about to record it, right now.
         """
         for temp in self.node_files.temp_leftovers(self.incoming_dir.glob("*.tmp")):
+            temp.unlink(missing_ok=True)
+        # A result object cut off while written (results/<series>/<generation>/<kind>/,
+        # results.builder): the job runs again and writes it whole.
+        for temp in self.node_files.temp_leftovers(self.root.glob("results/*/*/*/.*.partial")):
             temp.unlink(missing_ok=True)
         known = {row[0] for row in self.query("SELECT path FROM instances")}
         orphans = self.node_files.stale(
