@@ -364,8 +364,9 @@ class Trainer:
             cap = settings.dcn_positives_per_epoch or len(positives)
             pos = random.sample(positives, min(cap, len(positives)))
             if settings.hard_negative_share:
+                rng = np.random.RandomState(np.random.randint(2**31))  # checkpointed state
                 picked = draw_negatives(negative_loss, len(pos), settings.hard_negative_share,
-                                        np.random)
+                                        rng)
                 neg = [negatives[i] for i in picked]
                 self._log_hard_negatives(negatives, negative_loss, picked, len(pos))
             else:
@@ -390,9 +391,7 @@ class Trainer:
         started = time.perf_counter()
         for start in range(0, len(negatives), 32):
             refs = negatives[start:start + 32]
-            images = np.stack([self.cases[c].image[s].astype(np.float32)
-                               * (self.cases[c].lung[s] if self.cases[c].lung is not None else 1)
-                               for c, s in refs])
+            images = np.stack([self._masked_slice(c, s) for c, s in refs])
             with self._autocast():
                 logits = model(torch.from_numpy(images[:, None]).to(self.device)).classification
             losses[start:start + len(refs)] = F.softplus(logits.float().flatten()).cpu().numpy()
@@ -401,6 +400,11 @@ class Trainer:
                     "(mean loss %.3f, share above 0.69 i.e. p > 0.5: %.1f %%)", len(negatives),
                     time.perf_counter() - started, losses.mean(), 100 * (losses > 0.693).mean())
         return losses
+
+    def _masked_slice(self, case_index: int, slice_index: int) -> np.ndarray:
+        case = self.cases[case_index]
+        image = case.image[slice_index].astype(np.float32)
+        return image * case.lung[slice_index] if case.lung is not None else image
 
     def _log_hard_negatives(self, negatives: list[tuple[int, int]], losses: np.ndarray,
                             picked: np.ndarray, count: int) -> None:
