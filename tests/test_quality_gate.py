@@ -114,16 +114,19 @@ def _assert_lesions_withheld(out: Path, summary: dict, sc: list[Path], sr: Path)
     assert _outline_pixels(sc) == 0
 
 
-def test_cropped_chest_is_not_assessable(chest: PhantomVolume, tmp_path: Path) -> None:
-    # A targeted reconstruction centred on one lung: the field of view cuts both lungs.
+def _cropped(chest: PhantomVolume) -> PhantomVolume:
+    """A targeted reconstruction centred on one lung: the field of view cuts both lungs."""
     columns = np.flatnonzero(chest.lung.any(axis=(0, 1)))
     width = columns[-1] - columns[0]
     cut = (slice(None), slice(None),
            slice(int(columns[0] + 0.2 * width), int(columns[0] + 0.75 * width)))
-    cropped = PhantomVolume(np.ascontiguousarray(chest.hu[cut]), chest.lung[cut].copy(),
-                            chest.lesion[cut].copy(), chest.pixel_spacing_mm,
-                            chest.slice_thickness_mm, 0)
-    series = _write(cropped, tmp_path / "series", 31)
+    return PhantomVolume(np.ascontiguousarray(chest.hu[cut]), chest.lung[cut].copy(),
+                         chest.lesion[cut].copy(), chest.pixel_spacing_mm,
+                         chest.slice_thickness_mm, 0)
+
+
+def test_cropped_chest_is_not_assessable(chest: PhantomVolume, tmp_path: Path) -> None:
+    series = _write(_cropped(chest), tmp_path / "series", 31)
     out = tmp_path / "out"
     summary = _analyze(series, out)
     _assert_not_assessable(out, summary, NotAssessable.LUNGS_CUT_BY_FIELD_OF_VIEW)
@@ -150,14 +153,7 @@ def test_lesions_on_a_not_assessable_series_only_when_configured(tmp_path: Path)
     # A cropped chest with COVID-19 lesions: the model outlines them, but the series is
     # cut by the field of view. By default nothing of that is shown; the setting (read
     # from the node's config file) shows the outlines and figures beside the banner.
-    volume = generate_volume(34, thickness_mm=5.0, normal=False, matrix=256)
-    columns = np.flatnonzero(volume.lung.any(axis=(0, 1)))
-    width = columns[-1] - columns[0]
-    cut = (slice(None), slice(None),
-           slice(int(columns[0] + 0.2 * width), int(columns[0] + 0.75 * width)))
-    cropped = PhantomVolume(np.ascontiguousarray(volume.hu[cut]), volume.lung[cut].copy(),
-                            volume.lesion[cut].copy(), volume.pixel_spacing_mm,
-                            volume.slice_thickness_mm, 0)
+    cropped = _cropped(generate_volume(34, thickness_mm=5.0, normal=False, matrix=256))
     assert cropped.lesion.any()
     series = _write(cropped, tmp_path / "series", 34)
     hidden = _analyze(series, tmp_path / "hidden")
