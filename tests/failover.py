@@ -59,6 +59,8 @@ DESTINATION = "orthanc"
 
 
 _PORTS = random.SystemRandom()
+#: Every port :func:`listening_port` returned (its owner may not have bound it yet).
+_HANDED_OUT: set[int] = set()
 #: Nodes write every thread's stack to their log on SIGABRT (see :meth:`Cluster.stop`).
 _FAULTHANDLER = {"PYTHONFAULTHANDLER": "1"}
 
@@ -70,15 +72,19 @@ def listening_port() -> int:
     over many seconds; a port from ``bind(0)`` is an ephemeral one, which an outgoing
     connection meanwhile (haproxy's health checks, the nodes' own clients) may take as its
     source port: the node then fails with EADDRINUSE. Ports from below that range are
-    handed out only to those who ask for them by number.
+    handed out only to those who ask for them by number. None is handed out twice in one
+    test run: two picks of the same still-unbound port gave two nodes one metrics port.
     """
     for _ in range(200):
         port = _PORTS.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free port between 20000 and 32000")
 

@@ -344,11 +344,12 @@ class Spool(JobQueue):
     def recover(self, owner: str | None = None) -> None:
         """Bring the spool back to a consistent state after a stop or crash.
 
-        Removes half-written temp files (received instances and result objects), indexes files that were renamed in but not
-        recorded, restarts the quiet timer of series still receiving (their senders
-        could not reach us while we were down), and takes back the assessments and jobs
-        cut short: those claimed without a lease, under one that ran out, or by ``owner``
-        (this node). Another node's live claims are that node's, still at work.
+        Removes half-written temp files (received instances and result objects), indexes
+        files that were renamed in but not recorded, restarts the quiet timer of series
+        still receiving (their senders could not reach us while we were down), and takes
+        back the assessments and jobs cut short: those claimed without a lease, under one
+        that ran out, or by ``owner`` (this node). Another node's live claims are that
+        node's, still at work.
 
         In a spool folder shared with other nodes (PostgreSQL store) a temp file is
         removed, and an unrecorded file indexed, only when it is this node's or stale
