@@ -8,8 +8,11 @@ voxels outside the lung mask (must be 0); the probability against the decision t
 (must be below: a lung cancer is not COVID-19); for the NSCLC cases, the share of the
 tumour (RTSTRUCT GTV) outlined as COVID-19 lesion. Then ``--variants`` insertions per case
 (involvement 0.5-30 %): lesion DSC against the inserted mask and the probability (above the
-threshold where the series is assessable). The head CT: the gate's verdict only. Which
-patients were used in training is printed with each row (``split``).
+threshold where the series is assessable), and where the missed lesion is: the share of
+the inserted ground glass (below -300 HU after insertion) and of the inserted dense part
+(consolidation, -300 HU and up) that is outlined, and that the lung mask holds at all (a
+lesion outside the lung mask cannot be outlined). The head CT: the gate's verdict only.
+Which patients were used in training is printed with each row (``split``).
 
     .venv/bin/python bench/real_ct.py [--models DIR] [--variants 3] [--cache var/real-ct]
 """
@@ -34,6 +37,16 @@ from tests.lung_reference import dsc, dsc_outside, reference_lung_mask  # noqa: 
 
 #: Seeds of the insertions here: never the training corpus's (4242+).
 INSERTION_SEED = 777_000
+#: Inserted voxels at or above this (HU, after insertion) count as dense (consolidation).
+DENSE_HU = -300.0
+
+
+def _found(outlined: np.ndarray, lung: np.ndarray, part: np.ndarray) -> str:
+    """``outlined/in lung`` shares of ``part`` ("-" when empty)."""
+    if not part.any():
+        return "-"
+    total = float(part.sum())
+    return f"{(outlined & part).sum() / total:.2f}/{(lung & part).sum() / total:.2f}"
 
 
 def _with_hu(volume: Volume, hu: np.ndarray) -> Volume:
@@ -56,7 +69,8 @@ def main() -> int:
     threshold = engine.decision_threshold
     print(f"model {engine.model_version}, decision threshold {threshold:.3f}")
     print(f"{'case':24}{'split':>8}{'gate':>28}{'lung DSC':>10}{'w/o GTV':>9}{'outside':>9}"
-          f"{'p':>8}{'called':>8}{'lesion DSC':>12}{'tumour hit':>12}")
+          f"{'p':>8}{'called':>8}{'lesion DSC':>12}{'tumour hit':>12}"
+          f"{'GGO found/in lung':>19}{'dense found/in lung':>21}")
     failures = []
     for case in real_cases(args.cache):
         volume = load_dicom_folder(case.series_dir)
@@ -99,9 +113,12 @@ def main() -> int:
             lesion_dsc = dsc(out.lesion, inserted)
             called = "pos" if out.probability >= threshold else "neg"
             name = f"  +COVID {100 * involvement:.1f} %"
+            dense = inserted & (hu >= DENSE_HU)
             print(f"{name:24}{case.split:>8}{'':>28}{'':>19}"
                   f"{int((out.lesion & ~out.lung).sum()):>9}{out.probability:>8.3f}"
-                  f"{called:>8}{lesion_dsc:>12.3f}")
+                  f"{called:>8}{lesion_dsc:>12.3f}{'':>12}"
+                  f"{_found(out.lesion, out.lung, inserted & ~dense):>19}"
+                  f"{_found(out.lesion, out.lung, dense):>21}")
             if lesion_dsc < 0.70:
                 failures.append(f"{case.name} +{100 * involvement:.1f} %: lesion DSC "
                                 f"{lesion_dsc:.3f} < 0.70")
