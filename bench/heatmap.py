@@ -23,7 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcn_node.inference.engine import DEFAULT_MODELS_DIR, MEASURING_GATE, Engine  # noqa: E402
+from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine  # noqa: E402
 from dcn_node.volume import load_dicom_folder  # noqa: E402
 from dcn_train.evaluation import auc  # noqa: E402
 from dcn_train.phantom import generate_phantom  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--cases", type=int, default=6)
     args = parser.parse_args()
-    engine = Engine(args.models, "lite", "cpu", quality_gate=MEASURING_GATE)
+    engine = Engine(args.models, "lite", "cpu")
     names = [f"attention LA{k}" for k in (1, 2, 3, 4)] + ["lesion probability"]
     scores: dict[str, list[np.ndarray]] = {n: [] for n in names}
     inside: dict[str, list[float]] = {n: [] for n in names}

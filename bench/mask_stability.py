@@ -25,14 +25,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcn_node.inference.engine import (  # noqa: E402
-    DEFAULT_MODELS_DIR,
-    MEASURING_GATE,
-    Engine,
-    calibrated,
-    run_dcn,
-    run_lung,
-)
+from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine, calibrated, run_dcn, run_lung  # noqa: E402,E501
 from dcn_train.cases import make_case  # noqa: E402
 from dcn_train.corpus import phantom_case, phantom_seeds  # noqa: E402
 
@@ -84,8 +77,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engines = [Engine(folder, device="cpu", optimized=False,
-                      quality_gate=MEASURING_GATE) for folder in args.models]
+    engines = [Engine(folder, device="cpu", optimized=False) for folder in args.models]
     size = engines[0].profile.input_size
     totals: list[dict[str, list[list[float]]]] = [{} for _ in engines]
     for seed, kind, thickness in phantom_seeds(FIRST_SEED, args.cases):

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcn_node.inference.engine import DEFAULT_MODELS_DIR, MEASURING_GATE, Engine  # noqa: E402
+from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine  # noqa: E402
 from dcn_node.volume import Volume, load_dicom_folder  # noqa: E402
 from dcn_train.findings import Geometry, insert_covid_lesions  # noqa: E402
 from dcn_train.real_ct import real_cases, rtstruct_mask  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> int:
     parser.add_argument("--variants", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    engine = Engine(args.models, "lite", args.device, quality_gate=MEASURING_GATE)
+    engine = Engine(args.models, "lite", args.device)
     threshold = engine.decision_threshold
     print(f"model {engine.model_version}, decision threshold {threshold:.3f}")
     print(f"{'case':24}{'split':>8}{'gate':>28}{'lung DSC':>10}{'w/o GTV':>9}{'outside':>9}"

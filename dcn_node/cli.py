@@ -323,14 +323,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, MEASURING_GATE, Engine
+    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
     from dcn_train.evaluation import evaluate_on_phantoms
 
     configure_logging("INFO")
     models = args.models or DEFAULT_MODELS_DIR
-    engine = Engine(models, args.profile, args.device, quality_gate=MEASURING_GATE)
-    baseline = (Engine(models, args.profile, args.device, optimized=False,
-                       quality_gate=MEASURING_GATE)
+    engine = Engine(models, args.profile, args.device)
+    baseline = (Engine(models, args.profile, args.device, optimized=False)
                 if args.compare_naive else None)
     first_seed = args.first_seed if args.first_seed is not None else EVAL_SEED_BASE + args.seed
     report = evaluate_on_phantoms(engine, args.out, args.cases, first_seed,
@@ -343,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, MEASURING_GATE, Engine
+    from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
     from dcn_node.inference.pattern import pattern_probability
     from dcn_train.calibration import calibrate, fit_pattern, saved_case_features
     from dcn_train.corpus import VALIDATION_SEED_BASE
@@ -353,8 +352,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     models = args.models or DEFAULT_MODELS_DIR
     cases_json = args.out / "cases.json"
     if not args.refit:
-        engine = Engine(models, args.profile, args.device, mapping="fcn",
-                        quality_gate=MEASURING_GATE)
+        engine = Engine(models, args.profile, args.device, mapping="fcn")
         engine.calibration = None  # raw probabilities: what the calibration maps
         evaluate_on_phantoms(engine, args.out, args.cases, VALIDATION_SEED_BASE + args.seed,
                              held_out="v3", keep_outputs=True)

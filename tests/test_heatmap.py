@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dcn_node.config import ResultsSettings
-from dcn_node.inference.engine import MEASURING_GATE, Engine
+from dcn_node.inference.engine import Engine
 from dcn_node.results.sc import key_slices, overlay_layout, render_overlay
 from dcn_node.volume import load_dicom_folder
 from dcn_train.phantom import generate_phantom
@@ -23,7 +23,7 @@ def analysed(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     case = generate_phantom(folder, 41, thickness_mm=5.0, matrix=256)
     volume = load_dicom_folder(case.series_dir)
     truth = np.load(case.ground_truth_path)
-    result = Engine(device="cpu", quality_gate=MEASURING_GATE).analyze(volume)
+    result = Engine(device="cpu").analyze(volume)
     return volume, result, truth
 
 

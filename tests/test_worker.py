@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dcn_node.inference.engine import MEASURING_GATE, Engine, ModelIntegrityError
+from dcn_node.inference.engine import Engine, ModelIntegrityError
 from dcn_train.phantom import generate_phantom
 from tests.conftest import send_datasets, wait_for
 from tests.dicom_factory import ct_series
@@ -33,7 +33,7 @@ def test_engine_output_geometry_and_determinism(untrained_models: Path, tmp_path
 
     case = generate_phantom(tmp_path / "case", seed=11, slices=24, matrix=128)
     volume = load_dicom_folder(case.series_dir)
-    engine = Engine(untrained_models, "lite", "cpu", quality_gate=MEASURING_GATE)  # raw maps
+    engine = Engine(untrained_models, "lite", "cpu")  # no gate settings: raw maps
     first, second = engine.analyze(volume), engine.analyze(volume)
     assert first.lung.shape == first.lesion.shape == (24, 128, 128)
     assert first.slice_probabilities.shape == (24,)

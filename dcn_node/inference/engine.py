@@ -61,8 +61,9 @@ LOGGER = logging.getLogger(__name__)
 #: The shipped weights, their manifest and model card: package data (``dcn_node/models/``).
 DEFAULT_MODELS_DIR = package_path("models")
 
-#: The quality gate of the model's own measurements (evaluation, calibration, benchmarks):
-#: the verdict and its reason recorded, the lesions of a not-assessable series kept.
+#: The gate of an engine built without one: the model's own output for evaluation,
+#: calibration and the benchmarks (the verdict and its reason recorded, the lesions of a
+#: not-assessable series kept). The node passes its configured ``inference.quality_gate``.
 MEASURING_GATE = QualityGateSettings(report_lesions_when_not_assessable=True)
 
 #: The individual-level mappings the engine runs: the SPM's own (networks.MAPPINGS) and
@@ -296,6 +297,9 @@ class Engine:
         False = fp32 eager.
     reduced_precision:
         With ``optimized``: allow the autocast (False = the optimized path in float32).
+    quality_gate:
+        The node's ``inference.quality_gate`` (off by default there: a not-assessable
+        series' lesions withheld); None: :data:`MEASURING_GATE`, the lesions kept.
     mapping:
         The individual-level mapping, ``fcn`` (the trained SPM), ``max`` (the largest
         slice probability) or ``pattern`` (a logistic regression on the SPM and the shape
@@ -323,7 +327,7 @@ class Engine:
         self.batch_size = batch_size
         #: Mask threshold of the lung and lesion probability maps.
         self.threshold = threshold
-        self.quality_gate = quality_gate or QualityGateSettings()
+        self.quality_gate = quality_gate or MEASURING_GATE
         self.manifest = load_manifest(Path(models_dir), profile)
         self.calibration: dict[str, float] | None = self.manifest.get("calibration")
         #: Patient-level decision threshold: the caller's, else the model's own.

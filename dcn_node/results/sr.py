@@ -94,19 +94,17 @@ def _assessment_group(volume: Volume, result: AnalysisResult, settings: ResultsS
             hd.sr.QualitativeEvaluation(name=common.NOT_ASSESSABLE_REASON,
                                         value=common.NOT_ASSESSABLE_REASONS[reason]),
         ]
-    if not result.lesions_withheld:  # withheld: no lesion figures, not zeros
-        numbers += [
-            hd.sr.Measurement(name=common.LUNG_INVOLVEMENT,
-                              value=values["involvement_percent"], unit=common.UNIT_PERCENT),
-            hd.sr.Measurement(name=common.LESION_VOLUME, value=values["lesion_ml"],
-                              unit=common.UNIT_ML),
-        ]
-    numbers.append(hd.sr.Measurement(name=common.LUNG_VOLUME, value=values["lung_ml"],
-                                     unit=common.UNIT_ML))
-    if not result.lesions_withheld:
-        numbers.append(hd.sr.Measurement(name=common.SLICES_WITH_LESIONS,
-                                         value=int(values["slices_with_lesions"]),
-                                         unit=common.UNIT_SLICES))
+    # (concept, value, unit, a lesion figure): withheld lesions give no figures, not zeros.
+    figures = [
+        (common.LUNG_INVOLVEMENT, values["involvement_percent"], common.UNIT_PERCENT, True),
+        (common.LESION_VOLUME, values["lesion_ml"], common.UNIT_ML, True),
+        (common.LUNG_VOLUME, values["lung_ml"], common.UNIT_ML, False),
+        (common.SLICES_WITH_LESIONS, int(values["slices_with_lesions"]), common.UNIT_SLICES,
+         True),
+    ]
+    numbers += [hd.sr.Measurement(name=name, value=value, unit=unit)
+                for name, value, unit, of_lesions in figures
+                if not (of_lesions and result.lesions_withheld)]
     index = assessment_slice(result.lesion, result.lung)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(settings, volume, result, "COVID-19 assessment",
