@@ -435,6 +435,32 @@ def test_overlays_show_outline_heat_map_and_warning(tmp_path: Path) -> None:
     assert not np.array_equal(second.sc[0].pixel_array, third.sc[0].pixel_array)
 
 
+def test_a_withheld_overlay_prints_no_slice_probability_or_lesion_area(tmp_path: Path) -> None:
+    # A not-assessable series with its lesions withheld: the text says where the slice is,
+    # not "lesion 0.0 cm2, slice prob. 1.00" (seen on a cropped lung-cancer scan), so the
+    # picture does not change with the slice probabilities; an assessable one does.
+    import dataclasses
+
+    from dcn_node.inference.quality import GateResult, NotAssessable
+    from dcn_node.results.sc import render_overlay
+
+    volume, result, _ = phantom_case(tmp_path / "case")
+    cut = GateResult(False, NotAssessable.LUNGS_CUT_BY_FIELD_OF_VIEW, "the field of view "
+                     "cuts the lungs on 88 % of the slices with lung", 900.0)
+    withheld = dataclasses.replace(result, lesion=np.zeros_like(result.lesion), attention=[],
+                                   lesion_probability=None, quality=cut, lesions_withheld=True)
+    index = int(np.argmax(result.lung.sum(axis=(1, 2))))
+    settings = ResultsSettings()
+
+    def rendered(base: AnalysisResult, slice_probability: float) -> np.ndarray:
+        probabilities = np.full_like(base.slice_probabilities, slice_probability)
+        return render_overlay(volume, dataclasses.replace(
+            base, slice_probabilities=probabilities), index, settings)
+
+    assert np.array_equal(rendered(withheld, 0.05), rendered(withheld, 1.0))
+    assert not np.array_equal(rendered(result, 0.05), rendered(result, 1.0))
+
+
 def test_key_slices_reserve_a_place_for_the_strongest_attention() -> None:
     lesion = np.zeros((10, 8, 8), bool)
     for k, area in ((2, 5), (5, 9), (7, 3), (8, 1)):

@@ -294,7 +294,9 @@ def render_overlay(volume: Volume, result: AnalysisResult, index: int,
     area_cm2 = float(result.lesion[index].sum()) * volume.pixel_spacing[0] \
         * volume.pixel_spacing[1] / 100.0
     detail = f"{_slice_label(volume, index)}: lesion {area_cm2:.1f} cm2"
-    if len(result.slice_probabilities) > index:
+    if result.lesions_withheld:  # no lesion area or slice probability to stand beside it
+        detail = _slice_label(volume, index)
+    elif len(result.slice_probabilities) > index:
         longer = f"{detail}, slice prob. {float(result.slice_probabilities[index]):.2f}"
         if glyphs(size).width(longer) <= room:
             detail = longer
