@@ -291,7 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         profile=args.profile, lung_epochs=args.lung_epochs, dcn_epochs=args.dcn_epochs,
         spm_epochs=args.spm_epochs, lung_slices_per_epoch=args.lung_slices_per_epoch,
         dcn_positives_per_epoch=args.dcn_positives_per_epoch, seed=args.seed,
-        lung_lesion_fraction=args.lung_lesion_fraction,
+        lung_lesion_fraction=args.lung_lesion_fraction, lung_real_share=args.lung_real_share,
         device=args.device, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
         init_from=str(args.init_from or ""),
         negative_slice_dice_weight=args.negative_slice_dice_weight,
@@ -528,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fold", type=int, default=0, help="which fold to hold out")
     train.add_argument("--lung-lesion-fraction", type=float, default=0.5,
                        help="share of each lung epoch drawn from slices with lesions")
+    train.add_argument("--lung-real-share", type=float, default=0.0,
+                       help="share of each lung epoch drawn from the real CTs (cases named "
+                            "real-*; 0 = in proportion)")
     train.add_argument("--negative-slice-dice-weight", type=float, default=0.0,
                        help="weight of the lesion Dice on lesion-free slices of cases with a "
                             "complete lesion mask (0 = the paper: only lesion slices count)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,28 @@ def test_hard_negatives_are_drawn_by_their_loss() -> None:
     uniform = draw_negatives(losses, 40, 0.0, rng)
     assert (uniform < 10).sum() <= 3
     assert len(draw_negatives(losses[:5], 40, 0.5, rng)) == 5  # never more than there are
+
+
+def test_lung_epochs_draw_the_real_share_from_real_cases() -> None:
+    # --lung-real-share: real CTs are 6 % of corpus v3's slices; with the share they fill
+    # it, each part keeping the lesion fraction; 0 (or a corpus of real cases only) draws
+    # from all slices alike.
+    from dcn_train.trainer import draw_lung_slices
+
+    pool = [(c, s) for c in range(20) for s in range(50)]  # cases 18, 19 are real
+    real = {18, 19}
+    with_lesion = {(c, s) for c, s in pool if s < 10}
+    random.seed(0)
+    chosen = draw_lung_slices(pool, with_lesion, real, 200, 0.5, 0.25)
+    assert len(chosen) == len(set(chosen)) == 200
+    from_real = [ref for ref in chosen if ref[0] in real]
+    assert len(from_real) == 50
+    assert sum(ref in with_lesion for ref in from_real) == 20  # all 20 real lesion slices
+    assert sum(ref in with_lesion for ref in chosen if ref[0] not in real) >= 75
+    proportional = draw_lung_slices(pool, with_lesion, real, 200, 0.0, 0.0)
+    assert sum(ref[0] in real for ref in proportional) < 40
+    only_real = draw_lung_slices(pool, with_lesion, set(range(20)), 200, 0.0, 0.25)
+    assert len(only_real) == 200
 
 
 def test_metrics_match_hand_counts() -> None:
