@@ -7,10 +7,7 @@
   nodules, masses, emphysema, fibrosis, effusion, atelectasis, lobar consolidation, metal.
 * real CTs (:mod:`dcn_train.real_ct`): as they are (label 0: lung cancers), with
   other findings added, and with COVID-19 lesions inserted into their real parenchyma
-  (label 1; the inserted mask is the truth). Their lung truth is the classical lung mask
-  with the tumour (the RTSTRUCT's GTV) added: a tumour is lung that is diseased, as the
-  phantoms' masses are, so the networks see it inside the lung mask and learn it is not
-  COVID-19.
+  (label 1; the inserted mask is the truth). Their lung truth is the classical lung mask.
 
 Splits are by seed range and by patient: :data:`TRAIN_SEED_BASE` for training,
 :data:`VALIDATION_SEED_BASE` for calibration and threshold, evaluation seeds (900000+) for
@@ -41,8 +38,6 @@ KIND_CYCLE = ("covid", "normal", "covid", "other")
 THICKNESS_CYCLE = (5.0, 1.25, 3.0, 2.0)
 #: Bumped whenever what a case holds changes, so caches are never reused wrongly.
 CORPUS_VERSION = "3"
-#: The same for the real CTs' variants (4: the GTV joined their lung truth).
-REAL_CORPUS_VERSION = "4"
 
 
 @dataclass
@@ -125,37 +120,24 @@ def real_variants(case: object, variants: int, seed: int) -> Iterator[CaseVolume
     name = case.name  # type: ignore[attr-defined]
     spacing, slice_spacing = float(volume.pixel_spacing[1]), volume.slice_spacing_mm
     anatomy = classical_anatomy(volume.hu, spacing, slice_spacing)
-    tumour = _tumour(case, volume, anatomy.body)
-    lung_truth = anatomy.lung | tumour
     geo = Geometry(spacing, slice_spacing)
     base = volume.hu.astype(np.float32)
     sd = _noise_sd(base, anatomy.lung)
     empty = np.zeros(base.shape, bool)
-    yield CaseVolume(f"real-{name}", base.copy(), lung_truth, empty, 0, spacing,
+    yield CaseVolume(f"real-{name}", base.copy(), anatomy.lung, empty, 0, spacing,
                      slice_spacing, "real")
     for variant in range(variants):
         rng = np.random.default_rng([seed, variant, 91])
         hu = base.copy()
-        # Lesions and findings go into the aerated lung, never into the tumour.
         lesion = insert_covid_lesions(rng, hu, anatomy.lung, geo, noise_sd=sd)
-        yield CaseVolume(f"real-{name}-covid{variant}", hu, lung_truth, lesion,
+        yield CaseVolume(f"real-{name}-covid{variant}", hu, anatomy.lung, lesion,
                          int(lesion.any()), spacing, slice_spacing, "real-covid")
         if variant % 2 == 0:
             hu = base.copy()
             lung, findings = add_other_disease(rng, hu, anatomy.lung, anatomy.body, geo)
             _renoise(rng, base, hu, sd)
-            yield CaseVolume(f"real-{name}-other{variant}", hu, lung | tumour, empty, 0,
-                             spacing, slice_spacing, "real-other", tuple(findings))
-
-
-def _tumour(case: object, volume: object, body: np.ndarray) -> np.ndarray:
-    """The case's GTV inside the body (empty without an RTSTRUCT)."""
-    from dcn_train.real_ct import rtstruct_mask
-
-    rtstruct = getattr(case, "rtstruct", None)
-    if rtstruct is None:
-        return np.zeros(body.shape, bool)
-    return rtstruct_mask(rtstruct, volume) & body
+            yield CaseVolume(f"real-{name}-other{variant}", hu, lung, empty, 0, spacing,
+                             slice_spacing, "real-other", tuple(findings))
 
 
 def cache_cases(cases: Iterable[tuple[str, Callable[[], CaseVolume]]], cache_dir: Path,
@@ -167,8 +149,7 @@ def cache_cases(cases: Iterable[tuple[str, Callable[[], CaseVolume]]], cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, factory in cases:
-        version = REAL_CORPUS_VERSION if name.startswith("real-") else CORPUS_VERSION
-        path = cache_dir / f"{name}-c{version}-{size}.npz"
+        path = cache_dir / f"{name}-c{CORPUS_VERSION}-{size}.npz"
         if not path.exists():
             volume = factory()
             partial = path.with_name(path.stem + ".partial.npz")
