@@ -25,7 +25,13 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine, calibrated, run_dcn, run_lung  # noqa: E402,E501
+from dcn_node.inference.engine import (  # noqa: E402
+    DEFAULT_MODELS_DIR,
+    Engine,
+    calibrated,
+    run_dcn,
+    run_lung,
+)
 from dcn_train.cases import make_case  # noqa: E402
 from dcn_train.corpus import phantom_case, phantom_seeds  # noqa: E402
 

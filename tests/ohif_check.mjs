@@ -106,13 +106,15 @@ try {
     // OHIF 3.13 sometimes jumps to the measured slice without drawing its annotations
     // (seen 1 run in 3-4, on an idle machine too) and draws them at the next render.
     // A reader scrolls; so does the check: one slice on and back.
-    report.sr.scrolled = true;
     const viewport = await page.$('[data-cy="viewport-pane"]');
-    const box = await viewport.boundingBox();
-    await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
-    await page.mouse.wheel({ deltaY: 100 });
-    await sleep(1000);
-    await page.mouse.wheel({ deltaY: -100 });
+    const box = viewport ? await viewport.boundingBox() : null;
+    if (box) {
+      report.sr.scrolled = true;
+      await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+      await page.mouse.wheel({ deltaY: 100 });
+      await sleep(1000);
+      await page.mouse.wheel({ deltaY: -100 });
+    }
     report.sr.labels = await poll(srLabelsShown, 40000) || await srTexts();
   }
   // OHIF offers to track (hydrate) what it can turn into its own tools; the reader declines.
