@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dcn_node import __version__
 from dcn_node.config import DEFAULT_CONFIG_PATH, Settings, load_config, security_warnings
@@ -267,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     size = PROFILES[args.profile].input_size
     if args.manifest:
         paths = manifest_cases(args.manifest, args.cache, size)
-    elif args.corpus == "v3":
+    elif args.corpus == "v5":
         from dcn_train.corpus import training_corpus
 
         paths = training_corpus(args.cache, size, args.phantoms, args.real_ct,
@@ -339,6 +340,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def slabs_probabilities(rows: list[dict], outputs: Path) -> Any:
+    """The ``slabs`` mapping's raw probability of each calibration case: from its row, or,
+    for a run made before that mapping existed, from the slice probabilities it saved."""
+    import numpy as np
+    import torch
+
+    from dcn_node.inference.networks import top_slab_logit
+
+    values = []
+    for row in rows:
+        if "slabs_probability" not in row:
+            with np.load(outputs / f"{row['seed']}.npz") as saved:
+                logit = top_slab_logit(torch.from_numpy(saved["slice_probabilities"]),
+                                       float(saved["slice_mm"]))
+            row["slabs_probability"] = float(torch.sigmoid(logit))
+        values.append(row["slabs_probability"])
+    return np.array(values)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -355,14 +375,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         engine = Engine(models, args.profile, args.device, mapping="fcn")
         engine.calibration = None  # raw probabilities: what the calibration maps
         evaluate_on_phantoms(engine, args.out, args.cases, VALIDATION_SEED_BASE + args.seed,
-                             held_out="v3", keep_outputs=True)
+                             held_out="v5", keep_outputs=True)
     elif not cases_json.exists():
         print(f"--refit: no {cases_json} from an earlier calibration run", file=sys.stderr)
         return 2
     rows = json.loads(cases_json.read_text())
     labels = np.array([row["label"] for row in rows])
     raw = {"fcn": np.array([row["probability"] for row in rows]),
-           "max": np.array([row["max_slice_probability"] for row in rows])}
+           "max": np.array([row["max_slice_probability"] for row in rows]),
+           "slabs": slabs_probabilities(rows, args.out / "outputs")}
     pattern = None
     if args.pattern_from:
         # Fitted on cases the networks never trained on, then scored on these validation
@@ -470,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--first-seed", type=int, default=None,
                           help="first phantom seed (default: the held-out seeds, 900000 + "
                                "--seed)")
-    evaluate.add_argument("--held-out", choices=["v3", "phantoms-v2"], default="v3",
-                          help="v3: COVID-19, normal and other-disease phantoms; "
+    evaluate.add_argument("--held-out", choices=["v5", "phantoms-v2"], default="v5",
+                          help="v5: COVID-19, normal and other-disease phantoms (corpus "
+                          "v5); "
                           "phantoms-v2: the earlier held-out set")
     evaluate.add_argument("--compare-naive", action="store_true",
                           help="also run the naive float32 path and print the metric deltas")
@@ -489,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--min-specificity", type=float, default=0.95)
     # The names of engine.INDIVIDUAL_MAPPINGS, spelled out: importing torch to build the
     # parser would slow every command.
-    calibrate.add_argument("--mapping", choices=["auto", "fcn", "max", "pattern"],
+    calibrate.add_argument("--mapping", choices=["auto", "fcn", "max", "slabs", "pattern"],
                            default="auto",
                            help="individual-level mapping: auto = the best validation AUC")
     calibrate.add_argument("--pattern-from", type=Path, default=None,
@@ -510,13 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--manifest", type=Path, help="CSV of real cases (image,lung_mask,"
                        "lesion_mask,label); default: generated phantoms")
     train.add_argument("--phantoms", type=int, default=60, help="phantom cases to train on")
-    train.add_argument("--corpus", choices=["v3", "phantoms-v2"], default="v3",
-                       help="v3: phantoms with and without COVID-19 and with other disease, "
+    train.add_argument("--corpus", choices=["v5", "phantoms-v2"], default="v5",
+                       help="v5: phantoms with and without COVID-19 and with other disease, "
                        "plus real CTs with --real-ct; phantoms-v2: the earlier phantoms only")
     train.add_argument("--real-ct", type=Path, help="cache folder of the real CTs "
                        "(fetched when missing; see docs/real-ct.md); default: none used")
     train.add_argument("--seed-base", type=int, default=None,
-                       help="v3: first phantom seed (default 10000: training seeds)")
+                       help="v5: first phantom seed (default 10000: training seeds)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cache", type=Path, default=Path("var/train-cache"))
     train.add_argument("--lung-epochs", type=int, default=50)

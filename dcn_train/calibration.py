@@ -3,9 +3,10 @@
 On validation cases (seeds the networks and the mapping never trained on, and never the
 held-out evaluation seeds):
 
-1. the individual-level mapping is chosen: the trained three-layer SPM (``fcn``, the paper)
-   or the largest slice probability (``max``, the paper's Table 4 ablation), whichever ranks
-   the validation cases better (ROC AUC; a tie keeps ``fcn``). A mapping learned from a few
+1. the individual-level mapping is chosen: the trained three-layer SPM (``fcn``, the paper),
+   the largest slice probability (``max``, the paper's Table 4 ablation) or the mean logit
+   of the highest 5 mm slabs (``slabs``), whichever ranks the validation cases best (ROC
+   AUC; a tie keeps the first, ``fcn``). A mapping learned from a few
    dozen curves can rank worse than its own first input;
 2. its raw probability is recalibrated by Platt scaling (a logistic regression on its logit);
 3. the decision threshold is the lowest one that keeps specificity at or above the target

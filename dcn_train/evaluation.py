@@ -183,8 +183,9 @@ def _generator_v2_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dic
     return case.series_dir, truth, case.label, "covid" if case.label else "normal"
 
 
-def _corpus_v3_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, int, str]:
-    """Phantoms with COVID-19, normal, or with other disease (corpus v3 kinds)."""
+def _corpus_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, int, str]:
+    """Phantoms with COVID-19, normal, or with other disease (the corpus's kinds, at its
+    current version)."""
     from dcn_train.corpus import phantom_case, phantom_seed
     from dcn_train.phantom import PhantomVolume, write_series
 
@@ -200,7 +201,7 @@ def _corpus_v3_case(case_dir: Path, seed: int, index: int) -> tuple[Path, dict, 
     return case_dir / "series", truth, volume.label, label_kind
 
 
-HELD_OUT_SETS = {"phantoms-v2": _generator_v2_case, "v3": _corpus_v3_case}
+HELD_OUT_SETS = {"phantoms-v2": _generator_v2_case, "v5": _corpus_case}
 
 
 def save_case_outputs(path: Path, volume: Any, result: Any, label: int, kind: str) -> None:
@@ -225,7 +226,7 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
                          keep_cases: bool = False, baseline: Any = None,
                          held_out: str = "phantoms-v2", keep_outputs: bool = False) -> str:
     """Generate ``cases`` held-out phantoms of set ``held_out`` (``phantoms-v2``: the
-    earlier generator, alternately with lesions and normal, 5 and 1 mm; ``v3``: COVID-19,
+    earlier generator, alternately with lesions and normal, 5 and 1 mm; ``v5``: COVID-19,
     normal and other disease in turn), run them through the whole path (DICOM files ->
     volume -> engine) and write ``report.txt``, ``cases.json`` and ``roc.png`` into
     ``out_dir``; returns the report. ``keep_outputs``: each case's outputs also go to
@@ -234,11 +235,11 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
     the accuracy delta."""
     import torch
 
-    from dcn_node.inference.networks import SliceProbabilityMapping
+    from dcn_node.inference.networks import SliceProbabilityMapping, top_slab_logit
     from dcn_node.volume import load_dicom_folder
 
-    # The `max` mapping's raw output, as the engine would give it (clamped like it), for
-    # `dcn-node calibrate`'s choice between mappings.
+    # The `max` and `slabs` mappings' raw outputs, as the engine would give them (clamped
+    # like it), for `dcn-node calibrate`'s choice between mappings.
     largest_slice = SliceProbabilityMapping("max")
     make = HELD_OUT_SETS[held_out]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +266,9 @@ def evaluate_on_phantoms(engine: Any, out_dir: Path, cases: int, first_seed: int
                      "probability": result.probability,
                      "max_slice_probability": float(torch.sigmoid(largest_slice(
                          torch.from_numpy(result.slice_probabilities)))),
+                     "slabs_probability": float(torch.sigmoid(top_slab_logit(
+                         torch.from_numpy(result.slice_probabilities),
+                         volume.slice_spacing_mm))),
                      "assessable": quality["assessable"] if quality else True,
                      "lesion_dsc": _dsc(result.lesion, truth["lesion"]) if label else None,
                      "seconds": result.seconds})

@@ -115,9 +115,20 @@ def test_calibrate_command_on_validation_phantoms_and_refit(tmp_path: Path) -> N
     assert [row["label"] for row in rows] == [1, 0, 1, 0]
     for row in rows:  # the largest slice probability clamped as the engine's `max` does
         assert 0.0 < row["max_slice_probability"] < 1.0
+        assert 0.0 < row["slabs_probability"] < 1.0
     manifest = json.loads((models / "lite-manifest.json").read_text())
-    assert manifest["mapping"] in ("fcn", "max")
-    assert set(manifest["calibration_report"]["mapping_auc"]) == {"fcn", "max"}
+    assert manifest["mapping"] in ("fcn", "max", "slabs")
+    assert set(manifest["calibration_report"]["mapping_auc"]) == {"fcn", "max", "slabs"}
+    # A run from before the slabs mapping (no slabs_probability in its rows) gets it from
+    # the slice probabilities it saved: the same values.
+    for row in rows:
+        del row["slabs_probability"]
+    from dcn_node.cli import slabs_probabilities
+
+    recomputed = slabs_probabilities(rows, out / "outputs")
+    saved = json.loads((out / "cases.json").read_text())
+    np.testing.assert_allclose(recomputed, [row["slabs_probability"] for row in saved],
+                               rtol=1e-6)
 
     refit = subprocess.run([*command, "--refit", "--mapping", "fcn"], capture_output=True,
                            text=True, timeout=120)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from dcn_node.inference.networks import (
     SliceProbabilityMapping,
     UNet,
     resample_slice_probabilities,
+    top_slab_logit,
 )
 
 # Narrow variant for fast tests: every structure, tiny widths.
@@ -131,6 +134,35 @@ def test_spm_fcn_is_100_256_128_1_and_max_ablation() -> None:
     ablated = SliceProbabilityMapping(mode="max")
     logit = ablated(torch.tensor([0.1, 0.8, 0.3]))
     assert torch.sigmoid(logit).item() == pytest.approx(0.8, abs=1e-5)
+
+
+def test_slabs_mapping_pools_slices_into_millimetres() -> None:
+    # One lesion over 10 mm: 2 slices at 5 mm, 8 at 1.25 mm; the slabs mapping gives both
+    # series the same score, where the mean of the 4 highest slices would not.
+    thick = torch.full((40,), 0.05)
+    thick[20:22] = 0.99
+    thin = torch.full((160,), 0.05)
+    thin[80:88] = 0.99
+    slabs = SliceProbabilityMapping(mode="slabs")
+    assert slabs(thick, slice_mm=5.0).item() == pytest.approx(slabs(thin, slice_mm=1.25).item())
+    expected = (2 * math.log(0.99 / 0.01) + 2 * math.log(0.05 / 0.95)) / 4  # top 4 slabs
+    assert slabs(thick, slice_mm=5.0).item() == pytest.approx(expected, rel=1e-4)
+    def top_slices(p: torch.Tensor) -> float:
+        top = p.topk(4).values
+        return torch.log(top / (1 - top)).mean().item()
+
+    assert top_slices(thin) == pytest.approx(math.log(0.99 / 0.01))
+    assert top_slices(thick) == pytest.approx(expected, rel=1e-4)
+    # A single confident slice does not decide alone: four slabs are averaged.
+    spike = torch.full((40,), 0.05)
+    spike[10] = 0.999
+    assert slabs(spike, slice_mm=5.0) < slabs(thick, slice_mm=5.0) < math.log(0.99 / 0.01)
+    # Fewer slabs than four: the mean of those there are; the slice spacing is required.
+    assert slabs(torch.tensor([0.5, 0.5]), slice_mm=5.0).item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="slice spacing"):
+        slabs(thick)
+    with pytest.raises(ValueError, match="slice spacing"):
+        top_slab_logit(thick, 0.0)
 
 
 @pytest.mark.parametrize("name", ["lite", "paper"])

@@ -115,6 +115,46 @@ def test_lung_epochs_draw_the_real_share_from_real_cases() -> None:
     assert len(only_real) == 200
 
 
+def test_covid_lesions_are_grown_to_the_minimum_involvement() -> None:
+    # Corpus v5: a COVID-19 phantom whose lesions cover less than 0.1 % of the lungs gets
+    # more (a few voxels are no COVID-19 a reader could call); one above it is left as is.
+    from dcn_train.corpus import MIN_INVOLVEMENT, _at_least_minimum_involvement
+    from dcn_train.findings import Geometry
+
+    zz, yy, xx = np.mgrid[0:24, 0:96, 0:96]
+    lung = ((xx - 48) ** 2 + (yy - 48) ** 2 < 40 ** 2) & (zz > 1) & (zz < 22)
+    rng = np.random.default_rng(5)
+    hu = np.where(lung, -850.0, 40.0).astype(np.float32) + rng.normal(0, 15, lung.shape)
+    hu = hu.astype(np.float32)
+    before = hu.copy()
+    few = np.zeros_like(lung)
+    few[10, 48, 48:51] = True
+    grown = _at_least_minimum_involvement(rng, hu, lung, few, Geometry(1.5, 2.0), 15.0)
+    share = grown.sum() / lung.sum()
+    assert MIN_INVOLVEMENT <= share <= 12 * MIN_INVOLVEMENT, share
+    assert grown[few].all() and not (grown & ~lung).any()
+    assert (hu[grown & ~few] > before[grown & ~few]).mean() > 0.9  # painted denser
+    assert np.array_equal(hu[~lung], before[~lung])
+
+    enough = np.zeros_like(lung)
+    enough[10:12, 40:56, 40:56] = True  # 512 voxels, 0.6 % of this lung
+    state = rng.bit_generator.state
+    kept = _at_least_minimum_involvement(rng, hu, lung, enough, Geometry(1.5, 2.0), 15.0)
+    assert kept is enough and rng.bit_generator.state == state  # no draw: cases unchanged
+
+
+def test_a_covid_phantom_the_generator_left_almost_clear_is_grown() -> None:
+    # Held-out seed 900000: the generator's own lesions are 35 voxels, 0.002 % of its lungs.
+    from dcn_train.corpus import MIN_INVOLVEMENT, phantom_case
+    from dcn_train.phantom import generate_volume
+
+    own = generate_volume(900000, thickness_mm=5.0, normal=False)
+    assert 0 < own.lesion.sum() < MIN_INVOLVEMENT * own.lung.sum()
+    volume = phantom_case(900000, "covid", 5.0)
+    assert volume.label == 1
+    assert volume.lesion.sum() >= MIN_INVOLVEMENT * volume.lung.sum()
+
+
 def test_metrics_match_hand_counts() -> None:
     counts = PixelCounts()
     counts.add(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool))

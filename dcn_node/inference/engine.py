@@ -302,10 +302,12 @@ class Engine:
         series' lesions withheld); None: :data:`MEASURING_GATE`, the lesions kept.
     mapping:
         The individual-level mapping, ``fcn`` (the trained SPM), ``max`` (the largest
-        slice probability) or ``pattern`` (a logistic regression on the SPM and the shape
-        of the outlined lesions, :mod:`dcn_node.inference.pattern`; its weights are the
-        manifest's ``pattern``); None: the manifest's ``mapping`` (chosen on validation
-        cases by :mod:`dcn_train.calibration`), else ``fcn``.
+        slice probability), ``slabs`` (the mean logit of the highest 5 mm slabs,
+        :func:`~dcn_node.inference.networks.top_slab_logit`) or ``pattern`` (a logistic
+        regression on the SPM and the shape of the outlined lesions,
+        :mod:`dcn_node.inference.pattern`; its weights are the manifest's ``pattern``);
+        None: the manifest's ``mapping`` (chosen on validation cases by
+        :mod:`dcn_train.calibration`), else ``fcn``.
     """
 
     def __init__(
@@ -471,8 +473,11 @@ class Engine:
         trim()
 
         mark = time.perf_counter()
-        kept = slice_prob[keep] if len(keep) else torch.zeros(1)
-        logit = self.spm(kept.to(self.device))
+        if self.spm.mode == "slabs":  # every slice in order: slabs are millimetres
+            logit = self.spm(slice_prob, slice_mm=slice_spacing)
+        else:
+            kept = slice_prob[keep] if len(keep) else torch.zeros(1)
+            logit = self.spm(kept.to(self.device))
         uncalibrated = float(torch.sigmoid(logit.float()).item())
         features = None
         if self.pattern is not None:

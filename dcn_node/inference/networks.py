@@ -23,9 +23,13 @@ from torch import Tensor, nn
 
 #: Values the slice probability curve is resampled to (section 2.4).
 SPM_POINTS = 100
-#: The individual-level mappings: the trained FCN (the paper) and the largest slice
-#: probability (its Table 4 ablation).
-MAPPINGS = ("fcn", "max")
+#: The individual-level mappings: the trained FCN (the paper), the largest slice
+#: probability (its Table 4 ablation) and ``slabs`` (:func:`top_slab_logit`).
+MAPPINGS = ("fcn", "max", "slabs")
+#: The ``slabs`` mapping: slice probabilities pooled (largest) into slabs this thick, then
+#: the mean logit of the highest TOP_SLABS of them.
+SLAB_MM = 5.0
+TOP_SLABS = 4
 
 
 @dataclass(frozen=True)
@@ -275,14 +279,44 @@ def resample_slice_probabilities(probabilities: Tensor, points: int = SPM_POINTS
     return resampled.reshape(*curve.shape[:-1], points)
 
 
+def top_slab_logit(probabilities: Tensor, slice_mm: float, *, slab_mm: float = SLAB_MM,
+                   top: int = TOP_SLABS) -> Tensor:
+    """The mean logit of the ``top`` highest slabs of ``slab_mm``: each slab holds the
+    largest probability of the consecutive slices (n,) in it, from the series' first
+    slice on.
+
+    Why not only the paper's curve: it is a share of the series, so a lesion over 10 mm of
+    a 300 mm chest is 3 of its 100 points, weighed by the FCN against the other 97, whose
+    level moves with noise and normal findings (on the corpus v5 validation phantoms it
+    ranks worse than the largest slice probability alone). Why slabs: the highest 4
+    *slices* cover 5 mm of the body in a 1.25 mm series and 20 mm in a 5 mm one; the
+    highest 4 slabs of 5 mm are 20 mm in any series. The logit keeps 0.999 and 0.9999
+    apart; the mean over a few slabs keeps one confident slab from deciding alone, as it
+    does for ``max``."""
+    if slice_mm <= 0:
+        raise ValueError(f"slice spacing {slice_mm} mm: the slabs mapping needs a positive one")
+    per_slab = max(1, round(slab_mm / slice_mm))
+    p = probabilities.float().flatten().clamp(1e-6, 1 - 1e-6)
+    if p.numel() == 0:
+        raise ValueError("no slice probabilities to map")
+    short = (-p.numel()) % per_slab
+    if short:
+        p = F.pad(p, (0, short), value=1e-6)
+    slabs = p.reshape(-1, per_slab).max(dim=1).values
+    highest = slabs.topk(min(top, slabs.numel())).values
+    return torch.log(highest / (1 - highest)).mean()
+
+
 class SliceProbabilityMapping(nn.Module):
     """Individual-level classifier on the resampled slice probability curve (2.4).
 
     ``mode="fcn"``: three layers 100 -> 256 -> 128 -> 1 (the paper). ``mode="max"``: the
-    Table 4 ablation, the largest slice probability (no weights).
+    Table 4 ablation, the largest slice probability (no weights). ``mode="slabs"``:
+    :func:`top_slab_logit` of every slice of the series in order (no weights; needs
+    ``slice_mm``).
     """
 
-    def __init__(self, mode: Literal["fcn", "max"] = "fcn") -> None:
+    def __init__(self, mode: Literal["fcn", "max", "slabs"] = "fcn") -> None:
         super().__init__()
         self.mode = mode
         self.fcn = nn.Sequential(
@@ -293,9 +327,14 @@ class SliceProbabilityMapping(nn.Module):
             nn.Linear(128, 1),
         )
 
-    def forward(self, slice_probabilities: Tensor) -> Tensor:
+    def forward(self, slice_probabilities: Tensor, slice_mm: float | None = None) -> Tensor:
         """Individual-level logit(s) from slice probabilities (n,) or a batch of
-        already-resampled curves (B, 100)."""
+        already-resampled curves (B, 100); ``slabs`` takes one series' (n,) in slice order
+        and its ``slice_mm``."""
+        if self.mode == "slabs":
+            if slice_mm is None:
+                raise ValueError("the slabs mapping needs the slice spacing")
+            return top_slab_logit(slice_probabilities, slice_mm)
         if self.mode == "max":
             p = slice_probabilities.max(dim=-1).values.clamp(1e-6, 1 - 1e-6)
             return torch.log(p / (1 - p))

@@ -35,7 +35,7 @@ LOGGER = logging.getLogger(__name__)
 
 #: Burned into every overlay and written into descriptions.
 NOT_FOR_DIAGNOSIS = "AI result - not for diagnostic use"
-#: The lung U-Net, the dual-branch DCN with lesion attention and the slice probability mapping.
+#: The lung U-Net, the dual-branch DCN with lesion attention and the patient-level mapping.
 ALGORITHM_NAME = "DCN COVID-19 CT"
 PRIVATE_SCHEME = "99DCN"
 
