@@ -92,7 +92,7 @@ def test_real_ct_with_inserted_lesions_is_called_positive(inserted) -> None:  # 
     assert not (result.lesion & ~result.lung).any()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: lesion DSC < 0.70 with lite-20261202-b2c385de "
+@pytest.mark.xfail(strict=True, reason="issue 15: lesion DSC < 0.70 with lite-20261203-b5386b14 "
                    "(large inserted lesions partly missed)")
 def test_real_ct_inserted_lesions_are_outlined(inserted) -> None:  # noqa: ANN001
     lesion, result = inserted
