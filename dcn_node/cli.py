@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from dcn_node import __version__
 from dcn_node.config import DEFAULT_CONFIG_PATH, Settings, load_config, security_warnings
@@ -340,31 +339,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def slabs_probabilities(rows: list[dict], outputs: Path) -> Any:
-    """The ``slabs`` mapping's raw probability of each calibration case: from its row, or,
-    for a run made before that mapping existed, from the slice probabilities it saved."""
-    import numpy as np
-    import torch
-
-    from dcn_node.inference.networks import top_slab_logit
-
-    values = []
-    for row in rows:
-        if "slabs_probability" not in row:
-            with np.load(outputs / f"{row['seed']}.npz") as saved:
-                logit = top_slab_logit(torch.from_numpy(saved["slice_probabilities"]),
-                                       float(saved["slice_mm"]))
-            row["slabs_probability"] = float(torch.sigmoid(logit))
-        values.append(row["slabs_probability"])
-    return np.array(values)
-
-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dcn_node.inference.engine import DEFAULT_MODELS_DIR, Engine
     from dcn_node.inference.pattern import pattern_probability
-    from dcn_train.calibration import calibrate, fit_pattern, saved_case_features
+    from dcn_train.calibration import (
+        calibrate,
+        fit_pattern,
+        saved_case_features,
+        slabs_probabilities,
+    )
     from dcn_train.corpus import VALIDATION_SEED_BASE
     from dcn_train.evaluation import evaluate_on_phantoms
 

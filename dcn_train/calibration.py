@@ -115,6 +115,26 @@ def saved_case_features(folder: Path
     return seeds, np.asarray(labels), rows, np.asarray(spm)
 
 
+def slabs_probabilities(rows: list[dict[str, Any]], outputs: Path) -> np.ndarray:
+    """The ``slabs`` mapping's raw probability of each calibration case (``rows`` of a
+    ``cases.json``): from its row, or, for a run made before that mapping existed, from the
+    slice probabilities it saved in ``outputs`` (:func:`dcn_train.evaluation.save_case_outputs`)."""
+    import torch
+
+    from dcn_node.inference.networks import top_slab_logit
+
+    values = []
+    for row in rows:
+        value = row.get("slabs_probability")
+        if value is None:
+            with np.load(outputs / f"{row['seed']}.npz") as saved:
+                logit = top_slab_logit(torch.from_numpy(saved["slice_probabilities"]),
+                                       float(saved["slice_mm"]))
+            value = float(torch.sigmoid(logit))
+        values.append(value)
+    return np.asarray(values)
+
+
 def threshold_for_specificity(labels: np.ndarray, scores: np.ndarray,
                               min_specificity: float = 0.95) -> float:
     """The lowest threshold at which at least ``min_specificity`` of the negatives score

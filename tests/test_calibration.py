@@ -123,7 +123,7 @@ def test_calibrate_command_on_validation_phantoms_and_refit(tmp_path: Path) -> N
     # the slice probabilities it saved: the same values.
     for row in rows:
         del row["slabs_probability"]
-    from dcn_node.cli import slabs_probabilities
+    from dcn_train.calibration import slabs_probabilities
 
     recomputed = slabs_probabilities(rows, out / "outputs")
     saved = json.loads((out / "cases.json").read_text())
