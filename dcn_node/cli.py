@@ -292,6 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         spm_epochs=args.spm_epochs, lung_slices_per_epoch=args.lung_slices_per_epoch,
         dcn_positives_per_epoch=args.dcn_positives_per_epoch, seed=args.seed,
         lung_lesion_fraction=args.lung_lesion_fraction, lung_real_share=args.lung_real_share,
+        lung_dense_dice_weight=args.lung_dense_dice_weight,
         device=args.device, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
         init_from=str(args.init_from or ""),
         negative_slice_dice_weight=args.negative_slice_dice_weight,
@@ -538,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lung-real-share", type=float, default=0.0,
                        help="share of each lung epoch drawn from the real CTs (cases named "
                             "real-*; 0 = in proportion)")
+    train.add_argument("--lung-dense-dice-weight", type=float, default=0.0,
+                       help="weight of a second lung Dice over the dense pixels alone (-320 HU "
+                            "and up: consolidation against chest wall and heart; 0 = off)")
     train.add_argument("--negative-slice-dice-weight", type=float, default=0.0,
                        help="weight of the lesion Dice on lesion-free slices of cases with a "
                             "complete lesion mask (0 = the paper: only lesion slices count)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dcn_train.evaluation import Classification, PixelCounts, auc
-from dcn_train.losses import dcn_loss, dice_loss_per_slice
+from dcn_train.losses import dcn_loss, dense_dice_loss, dice_loss_per_slice
 
 
 def test_dice_loss_is_zero_for_a_perfect_mask_and_one_for_disjoint() -> None:
@@ -23,6 +23,27 @@ def test_dice_loss_is_zero_for_a_perfect_mask_and_one_for_disjoint() -> None:
     assert dice_loss_per_slice(perfect, target).item() == pytest.approx(0.0, abs=0.03)
     disjoint = torch.where(target > 0, -50.0, 50.0)
     assert dice_loss_per_slice(disjoint, target).item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_dense_dice_weighs_the_dense_pixels_the_whole_slice_dice_drowns() -> None:
+    # A slice of aerated lung (0.2 windowed) with a dense consolidation (0.9) inside the lung
+    # and dense chest wall (0.9) outside it. Leaving the consolidation out costs little on
+    # the whole slice and everything on the dense pixels; taking chest wall in costs there too.
+    image = torch.full((1, 1, 16, 16), 0.2)
+    image[..., :, :2] = 0.9  # chest wall
+    image[..., 6:12, 6:12] = 0.9  # consolidation
+    lung = torch.zeros(1, 1, 16, 16)
+    lung[..., :, 2:] = 1
+    aerated_only = torch.where((lung > 0) & (image < 0.58), 50.0, -50.0)
+    assert dice_loss_per_slice(aerated_only, lung).item() < 0.1
+    assert dense_dice_loss(aerated_only, lung, image, 0.58).item() > 0.95
+    right = torch.where(lung > 0, 50.0, -50.0)
+    assert dense_dice_loss(right, lung, image, 0.58).item() < 0.05
+    wall_too = torch.full((1, 1, 16, 16), 50.0)
+    assert dense_dice_loss(wall_too, lung, image, 0.58).item() > 0.25
+    # A slice without dense lung adds nothing (its dense pixels are all not lung).
+    no_dense = torch.zeros(1, 1, 16, 16)
+    assert dense_dice_loss(wall_too, no_dense, image, 0.58).item() == 0.0
 
 
 def test_weighted_dice_ignores_slices_without_lesions() -> None:
